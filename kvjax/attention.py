@@ -1,0 +1,105 @@
+"""Reference attention over a LayerCache (prefill and decode are the same function).
+
+A query at position p sees slot s of KV head h iff s < lengths[b, h] and
+0 <= positions[b, h, s] <= p (and p - positions < sliding_window when set). Causality therefore
+follows from the stored original positions, so prefill (the chunk is written first, then
+attended), decode, and compressed caches with holes all use one mask.
+
+Shapes: q [B, Hq, Tq, D] with Hq = G * Hkv (query head j uses KV head j // G, as in
+transformers), q_positions int32[B, Tq], the cache as in `kvjax.cache`. Scores and softmax are
+float32; the output has q's dtype. Rows that see no key return zeros (never NaN).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.cache import LayerCache
+
+Array = jax.Array
+
+
+def attention_mask(
+    q_positions: Array, layer: LayerCache, sliding_window: int | None = None
+) -> Array:
+    """bool[B, Hkv, Tq, C]: which cache slots each query may attend to."""
+    slot = jnp.arange(layer.capacity)
+    valid = (slot[None, None, :] < layer.lengths[:, :, None]) & (layer.positions >= 0)
+    kpos = layer.positions[:, :, None, :]
+    qpos = q_positions[:, None, :, None]
+    mask = valid[:, :, None, :] & (kpos <= qpos)
+    if sliding_window is not None:
+        mask = mask & (qpos - kpos < sliding_window)
+    return mask
+
+
+def _grouped(q: Array, num_kv_heads: int) -> Array:
+    b, hq, t, d = q.shape
+    if hq % num_kv_heads:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({num_kv_heads})")
+    return q.reshape(b, num_kv_heads, hq // num_kv_heads, t, d)
+
+
+def _masked_softmax(scores: Array, mask: Array) -> Array:
+    scores = jnp.where(mask, scores, -jnp.inf)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    p = jnp.exp(scores - peak)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    return p / jnp.where(denom == 0, 1.0, denom)
+
+
+def attention_probs(
+    q: Array,
+    q_positions: Array,
+    layer: LayerCache,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+) -> Array:
+    """float32[B, Hq, Tq, C]: softmax attention probabilities of queries over the cache slots."""
+    b, hq, t, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    qg = _grouped(q, layer.num_heads)
+    scores = jnp.einsum(
+        "bhgtd,bhsd->bhgts", qg, layer.keys, preferred_element_type=jnp.float32
+    ) * scale
+    mask = attention_mask(q_positions, layer, sliding_window)[:, :, None]
+    return _masked_softmax(scores, mask).reshape(b, hq, t, layer.capacity)
+
+
+def reference_attention(
+    q: Array,
+    q_positions: Array,
+    layer: LayerCache,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+) -> Array:
+    """[B, Hq, Tq, Dv] attention output; plain jnp, float32 softmax."""
+    b, hq, t, _ = q.shape
+    probs = attention_probs(q, q_positions, layer, scale, sliding_window)
+    pg = probs.reshape(b, layer.num_heads, hq // layer.num_heads, t, layer.capacity)
+    out = jnp.einsum(
+        "bhgts,bhsd->bhgtd", pg, layer.values.astype(jnp.float32),
+        preferred_element_type=jnp.float32,
+    )
+    return out.reshape(b, hq, t, -1).astype(q.dtype)
+
+
+def attend(
+    q: Array,
+    q_positions: Array,
+    layer: LayerCache,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    impl: str = "reference",
+) -> Array:
+    """Attention of q over any cache kind; `impl` selects the implementation.
+
+    "reference" is the plain jnp path above (used on CPU and to check kernels).
+    """
+    if impl != "reference":
+        raise ValueError(f"impl must be 'reference', got {impl!r}")
+    if q.shape[-1] != layer.head_dim:
+        raise ValueError(f"q head dim {q.shape[-1]} != cache head dim {layer.head_dim}")
+    return reference_attention(q, q_positions, layer, scale, sliding_window)
