@@ -12,6 +12,9 @@ float32; the output has q's dtype. Rows that see no key return zeros (never NaN)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -86,20 +89,48 @@ def reference_attention(
     return out.reshape(b, hq, t, -1).astype(q.dtype)
 
 
-def attend(
+IMPLS = ("auto", "reference")
+
+
+def dense_attend(
     q: Array,
     q_positions: Array,
     layer: LayerCache,
     scale: float | None = None,
     sliding_window: int | None = None,
-    impl: str = "reference",
+    impl: str = "auto",
 ) -> Array:
-    """Attention of q over any cache kind; `impl` selects the implementation.
-
-    "reference" is the plain jnp path above (used on CPU and to check kernels).
-    """
-    if impl != "reference":
-        raise ValueError(f"impl must be 'reference', got {impl!r}")
+    """Attention over a dense LayerCache."""
     if q.shape[-1] != layer.head_dim:
         raise ValueError(f"q head dim {q.shape[-1]} != cache head dim {layer.head_dim}")
     return reference_attention(q, q_positions, layer, scale, sliding_window)
+
+
+AttendFn = Callable[..., Array]
+_ATTEND: dict[type, AttendFn] = {LayerCache: dense_attend}
+
+
+def register(kind: type, fn: AttendFn) -> None:
+    """Registers `fn(q, q_positions, layer, scale, sliding_window, impl) -> out` for a kind."""
+    _ATTEND[kind] = fn
+
+
+def attend(
+    q: Array,
+    q_positions: Array,
+    layer: Any,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    impl: str = "auto",
+) -> Array:
+    """Attention of q [B, Hq, Tq, D] over any registered cache kind -> [B, Hq, Tq, Dv].
+
+    impl: "auto" uses a Pallas kernel where one exists for the kind, backend and shape, else
+    the reference; "reference" forces the plain jnp path (used on CPU and to check kernels).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    fn = _ATTEND.get(type(layer))
+    if fn is None:
+        raise TypeError(f"no attention registered for cache kind {type(layer).__name__}")
+    return fn(q, q_positions, layer, scale, sliding_window, impl)

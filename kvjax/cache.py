@@ -11,6 +11,14 @@ Shapes (B batch, Hkv key/value heads, C static capacity, D head dim):
   positions      int32[B, Hkv, C] original token index of each slot; -1 for empty slots
   slot_data      {name: [B, Hkv, C, ...]} per-slot method data (e.g. H2O scores); gathered,
                  grown and written together with the keys (new slots get zeros).
+
+Other cache kinds (quantized, head-wise pooled, low-rank, sparse) are flax.struct dataclasses
+with the same role. The model and `generate` use only this protocol, so a new kind never
+touches them:
+  .capacity, .lengths, .positions          token slots per head, valid counts, positions
+  .write(keys, values, positions, num_valid) -> same kind      (see `write` below)
+  .grow(capacity) -> same kind                                  (room for decode appends)
+  kvjax.attention.register(kind, attend_fn)                     (how queries read it)
 """
 
 from __future__ import annotations
@@ -129,7 +137,12 @@ def write(
 
     Writes past the capacity are dropped and the length saturates at the capacity: callers size
     capacities statically (prefill and generate do).
+
+    Other cache kinds implement this as a method `layer.write(keys, values, positions,
+    num_valid)`; this function forwards to it.
     """
+    if not isinstance(layer, LayerCache):
+        return layer.write(keys, values, positions, num_valid)
     b, h, t, _ = keys.shape
     if num_valid is None:
         num_valid = jnp.full((b,), t, jnp.int32)
@@ -189,7 +202,9 @@ def gather(layer: LayerCache, idx: Array, lengths: Array | None = None) -> Layer
 
 
 def grow(layer: LayerCache, capacity: int) -> LayerCache:
-    """Pads the capacity to `capacity` (>= current) with empty slots."""
+    """Pads the capacity to `capacity` (>= current) with empty slots (other kinds: `.grow`)."""
+    if not isinstance(layer, LayerCache):
+        return layer.grow(capacity)
     extra = capacity - layer.capacity
     if extra < 0:
         raise ValueError(f"capacity {capacity} is smaller than the current {layer.capacity}")
@@ -265,7 +280,8 @@ def restore(path: str | os.PathLike) -> KVCache:
     layers = []
     for i, type_name in enumerate(meta["layer_types"]):
         if type_name not in _CACHE_TYPES:
-            raise ValueError(f"unknown layer cache type {type_name!r}; known: {sorted(_CACHE_TYPES)}")
+            known = sorted(_CACHE_TYPES)
+            raise ValueError(f"unknown layer cache type {type_name!r}; known: {known}")
         fields = {k: jax.tree.map(jnp.asarray, v) for k, v in tree["layers"][str(i)].items()}
         layers.append(_CACHE_TYPES[type_name](**fields))
     return KVCache(layers=tuple(layers), next_position=jnp.asarray(tree["next_position"]))

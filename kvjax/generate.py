@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import cache as kvcache
-from kvjax.compress.base import Compressor, Observation, identity
+from kvjax.compress.base import Compressor, Observation, decode_capacity, identity
 from kvjax.models.llama import Llama
 
 Array = jax.Array
@@ -287,7 +287,10 @@ def _generate_jit(model, tokens, lengths, rng, max_new_tokens, compressor, chunk
         model, aligned, lengths, compressor, chunk_size, t, False
     )
     cache = cache.replace(
-        layers=tuple(kvcache.grow(lc, lc.capacity + max_new_tokens) for lc in cache.layers)
+        layers=tuple(
+            kvcache.grow(lc, decode_capacity(compressor, lc.capacity, max_new_tokens))
+            for lc in cache.layers
+        )
     )
     rng, key = jax.random.split(rng)
     tok = sample(logits, key, temperature, top_p)

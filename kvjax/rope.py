@@ -24,7 +24,8 @@ def inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None = No
     """float32[head_dim // 2] inverse frequencies, as transformers computes them."""
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
-    rope_type = "default" if not scaling else scaling.get("rope_type", scaling.get("type", "default"))
+    scaling = scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return freq
     if rope_type == "linear":

@@ -1,4 +1,4 @@
-"""Tiny random transformers checkpoints for parity tests (built on CPU, saved with save_pretrained)."""
+"""Tiny random transformers checkpoints for parity tests (CPU, saved with save_pretrained)."""
 
 from __future__ import annotations
 

@@ -56,9 +56,17 @@ class Observation(NamedTuple):
 
 
 class Compressor(NamedTuple):
+    """init/prefill/decode as in the module docstring.
+
+    decode_capacity: optional `(capacity after prefill, max_new_tokens) -> capacity` used by
+    `generate` to size each layer for decoding (default: capacity + max_new_tokens). A method
+    that keeps the cache within a budget while generating returns e.g. `budget + 1`.
+    """
+
     init: Callable[[LayerCache], State]
     prefill: Callable[[LayerCache, Observation, State], tuple[LayerCache, State]]
     decode: Callable[[LayerCache, Observation, State], tuple[LayerCache, State]]
+    decode_capacity: Callable[[int, int], int] | None = None
 
 
 def _keep(cache: LayerCache, obs: Observation, state: State) -> tuple[LayerCache, State]:
@@ -105,7 +113,20 @@ def _chain(compressors: tuple[Compressor, ...]) -> Compressor:
             states.append(s)
         return cache, tuple(states)
 
-    return Compressor(init=init, prefill=prefill, decode=decode)
+    def decode_capacity(capacity: int, max_new_tokens: int) -> int:
+        sized = [c.decode_capacity for c in compressors if c.decode_capacity is not None]
+        if not sized:
+            return capacity + max_new_tokens
+        return sized[-1](capacity, max_new_tokens)
+
+    return Compressor(init=init, prefill=prefill, decode=decode, decode_capacity=decode_capacity)
+
+
+def decode_capacity(compressor: Compressor, capacity: int, max_new_tokens: int) -> int:
+    """Capacity a layer needs for decoding `max_new_tokens` after prefill."""
+    if compressor.decode_capacity is None:
+        return capacity + max_new_tokens
+    return int(compressor.decode_capacity(capacity, max_new_tokens))
 
 
 def valid_slots(cache: LayerCache) -> Array:

@@ -89,7 +89,9 @@ def _shards(directory: str) -> dict[str, str]:
             raise FileNotFoundError(
                 f"{directory} has only pickle weights (.bin/.pt); kvjax reads safetensors only"
             )
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+        raise FileNotFoundError(
+            f"no model.safetensors or model.safetensors.index.json in {directory}"
+        )
     from safetensors import safe_open
 
     with safe_open(single, framework="flax") as f:
@@ -124,7 +126,9 @@ def load(path_or_repo_id: str | os.PathLike, dtype: Any = None) -> Llama:
     expected = {name for name, _, _ in _param_map(model)}
     missing = sorted(expected - set(shards))
     if missing:
-        raise ValueError(f"checkpoint {directory} lacks tensors {missing[:5]} ({len(missing)} in all)")
+        raise ValueError(
+            f"checkpoint {directory} lacks tensors {missing[:5]} ({len(missing)} in all)"
+        )
     handles: dict[str, Any] = {}
     try:
         for name, var, transpose in _param_map(model):

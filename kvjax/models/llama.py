@@ -94,7 +94,7 @@ class LlamaConfig:
         return cls(**base)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _inv_freq(config: LlamaConfig) -> np.ndarray:
     return rope.inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_dict)
 

@@ -1,0 +1,1 @@
+"""Evaluation: tokenizer, RULER-style tasks, runner, reports."""

@@ -1,0 +1,1 @@
+"""Learned compression components (retention gates, Locret)."""

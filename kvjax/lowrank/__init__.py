@@ -1,0 +1,1 @@
+"""Low-rank and channel-pruned caches (ThinK, SVD, MatryoshkaKV)."""

@@ -1,0 +1,1 @@
+"""Quantized KV caches (KIVI, mixed precision)."""

@@ -1,0 +1,1 @@
+"""Sparse caches and query-aware selection (Quest, Mustafar)."""
