@@ -333,8 +333,9 @@ def generate(
     """Generates `max_new_tokens` tokens per row; returns int32[B, T + max_new_tokens].
 
     Greedy by default; `temperature > 0` samples (with nucleus `top_p`) and needs `rng`, an
-    explicit `jax.random` key. Rows stop at `eos_id` and are padded with `pad_id` (default
-    `eos_id`, else 0). The decode loop is a `lax.while_loop` inside one jit.
+    explicit `jax.random` key. Rows stop after emitting `eos_id` (default: the model config's
+    `eos_token_id`; -1 never stops) and are padded with `pad_id` (default `eos_id`, else 0).
+    The decode loop is a `lax.while_loop` inside one jit.
     """
     _check_tokens(model, tokens)
     b, t = np.shape(tokens)
@@ -349,6 +350,10 @@ def generate(
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs an explicit rng key")
     rng = jax.random.key(0) if rng is None else rng
+    if eos_id is None:
+        eos_id = model.config.eos_token_id
+    if eos_id is not None and eos_id < 0:
+        eos_id = None
     pad_id = (eos_id if eos_id is not None else 0) if pad_id is None else pad_id
     out, cache = _generate_jit(
         model, jnp.asarray(tokens, jnp.int32), lengths, rng, int(max_new_tokens), compressor,
