@@ -71,14 +71,10 @@ def attention_probs(
     return _masked_softmax(scores, mask).reshape(b, hq, t, layer.capacity)
 
 
-def reference_attention(
-    q: Array,
-    q_positions: Array,
-    layer: LayerCache,
-    scale: float | None = None,
-    sliding_window: int | None = None,
-) -> Array:
-    """[B, Hq, Tq, Dv] attention output; plain jnp, float32 softmax."""
+QUERY_BLOCK = 512
+
+
+def _reference_block(q, q_positions, layer, scale, sliding_window):
     b, hq, t, _ = q.shape
     probs = attention_probs(q, q_positions, layer, scale, sliding_window)
     pg = probs.reshape(b, layer.num_heads, hq // layer.num_heads, t, layer.capacity)
@@ -87,6 +83,34 @@ def reference_attention(
         preferred_element_type=jnp.float32,
     )
     return out.reshape(b, hq, t, -1).astype(q.dtype)
+
+
+def reference_attention(
+    q: Array,
+    q_positions: Array,
+    layer: LayerCache,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+) -> Array:
+    """[B, Hq, Tq, Dv] attention output; plain jnp, float32 softmax.
+
+    Long query sets are processed QUERY_BLOCK queries at a time (`lax.map`), so the float32
+    score matrix held at once is [B, Hq, QUERY_BLOCK, C] rather than [B, Hq, Tq, C].
+    """
+    b, hq, t, d = q.shape
+    if t <= QUERY_BLOCK:
+        return _reference_block(q, q_positions, layer, scale, sliding_window)
+    n = -(-t // QUERY_BLOCK)
+    pad = n * QUERY_BLOCK - t
+    qb = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    qb = qb.reshape(b, hq, n, QUERY_BLOCK, d).transpose(2, 0, 1, 3, 4)
+    pb = jnp.pad(q_positions, ((0, 0), (0, pad)), constant_values=-1)
+    pb = pb.reshape(b, n, QUERY_BLOCK).transpose(1, 0, 2)
+    out = jax.lax.map(
+        lambda xs: _reference_block(xs[0], xs[1], layer, scale, sliding_window), (qb, pb)
+    )
+    out = out.transpose(1, 2, 0, 3, 4).reshape(b, hq, n * QUERY_BLOCK, -1)
+    return out[:, :, :t]
 
 
 IMPLS = ("auto", "reference")

@@ -63,3 +63,18 @@ def test_attend_rejects_bad_impl_and_dims():
     with pytest.raises(ValueError, match="multiple of KV heads"):
         two_heads = kvcache.init_layer(1, 2, 4, 8)
         attend(jnp.zeros((1, 3, 1, 8)), jnp.zeros((1, 1), jnp.int32), two_heads)
+
+
+def test_query_blocking_matches_unblocked(monkeypatch):
+    import kvjax.attention as attn
+
+    rng = np.random.default_rng(1)
+    b, hkv, c, d, t = 1, 2, 40, 8, 37
+    keys = jnp.asarray(rng.standard_normal((b, hkv, c, d)), jnp.float32)
+    layer = kvcache.write(kvcache.init_layer(b, hkv, c, d), keys, keys, jnp.arange(c)[None])
+    q = jnp.asarray(rng.standard_normal((b, 4, t, d)), jnp.float32)
+    qpos = jnp.arange(3, 3 + t)[None]
+    full = attend(q, qpos, layer)
+    monkeypatch.setattr(attn, "QUERY_BLOCK", 8)
+    blocked = attn.reference_attention(q, qpos, layer)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(full), atol=1e-6)
