@@ -1,6 +1,19 @@
 """kvjax: KV-cache compression for LLM inference in JAX."""
 
-from kvjax import attention, cache, compress, eval, learned, lowrank, models, quant, rope, sparse
+from kvjax import (
+    attention,
+    cache,
+    compress,
+    eval,
+    headwise,
+    learned,
+    lowrank,
+    models,
+    quant,
+    rope,
+    sharding,
+    sparse,
+)
 from kvjax.generate import decode_step, generate, prefill, sample
 
 __version__ = "0.1.0"
@@ -11,6 +24,7 @@ __all__ = [
     "compress",
     "decode_step",
     "eval",
+    "headwise",
     "learned",
     "lowrank",
     "generate",
@@ -19,5 +33,6 @@ __all__ = [
     "quant",
     "rope",
     "sample",
+    "sharding",
     "sparse",
 ]

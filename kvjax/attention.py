@@ -5,6 +5,9 @@ A query at position p sees slot s of KV head h iff s < lengths[b, h] and
 follows from the stored original positions, so prefill (the chunk is written first, then
 attended), decode, and compressed caches with holes all use one mask.
 
+Merged slots: a slot that stands for N identical tokens carries `slot_data["log_count"]` =
+log N, added to its logit (exact attention of N copies; see docs/design_merging.md).
+
 Shapes: q [B, Hq, Tq, D] with Hq = G * Hkv (query head j uses KV head j // G, as in
 transformers), q_positions int32[B, Tq], the cache as in `kvjax.cache`. Scores and softmax are
 float32; the output has q's dtype. Rows that see no key return zeros (never NaN).
@@ -67,6 +70,9 @@ def attention_probs(
     scores = jnp.einsum(
         "bhgtd,bhsd->bhgts", qg, layer.keys, preferred_element_type=jnp.float32
     ) * scale
+    log_count = layer.slot_data.get("log_count")
+    if log_count is not None:  # a merged slot standing for N tokens gets + log N
+        scores = scores + log_count[:, :, None, None, :].astype(jnp.float32)
     mask = attention_mask(q_positions, layer, sliding_window)[:, :, None]
     return _masked_softmax(scores, mask).reshape(b, hq, t, layer.capacity)
 
@@ -116,6 +122,31 @@ def reference_attention(
 IMPLS = ("auto", "reference")
 
 
+def kernel_platform() -> str:
+    """Platform whose kernels `impl="auto"` may use ("cpu", "gpu", "tpu"); tests patch it."""
+    return jax.default_backend()
+
+
+def use_decode_kernel(q: Array, layer: LayerCache) -> bool:
+    """Whether `impl="auto"` runs the Pallas ragged decode kernel for this call.
+
+    Decode (Tq == 1) on a GPU, with power-of-two head dims in [16, 512] and q, keys and values
+    of one dtype among bf16/fp16/fp32 (the kernel's domain); everything else, and every
+    CPU/TPU call, takes the reference.
+    """
+    from pallas_kernels import decode_attention as da
+
+    d, dv = layer.keys.shape[-1], layer.values.shape[-1]
+    return (
+        kernel_platform() == "gpu"
+        and q.shape[2] == 1
+        and da.is_pow2(d) and 16 <= d <= 512
+        and da.is_pow2(dv) and 16 <= dv <= 512
+        and q.dtype == layer.keys.dtype == layer.values.dtype
+        and q.dtype in da.DTYPES
+    )
+
+
 def dense_attend(
     q: Array,
     q_positions: Array,
@@ -124,9 +155,24 @@ def dense_attend(
     sliding_window: int | None = None,
     impl: str = "auto",
 ) -> Array:
-    """Attention over a dense LayerCache."""
+    """Attention over a dense LayerCache.
+
+    impl="auto" runs `pallas_kernels.decode_attention.ragged_decode_attention` for decode
+    (Tq == 1) on GPU (see `use_decode_kernel`), with the cache positions so its mask equals the
+    reference's exactly and `slot_data["log_count"]` (merged slots) as its per-slot score bias;
+    otherwise (and with impl="reference") the jnp reference.
+    """
     if q.shape[-1] != layer.head_dim:
         raise ValueError(f"q head dim {q.shape[-1]} != cache head dim {layer.head_dim}")
+    if impl == "auto" and use_decode_kernel(q, layer):
+        from pallas_kernels.decode_attention import ragged_decode_attention
+
+        out = ragged_decode_attention(
+            q[:, :, 0], layer.keys, layer.values, layer.lengths,
+            kv_positions=layer.positions, q_positions=q_positions[:, 0],
+            kv_bias=layer.slot_data.get("log_count"), scale=scale, sliding_window=sliding_window,
+        )
+        return out[:, :, None]
     return reference_attention(q, q_positions, layer, scale, sliding_window)
 
 

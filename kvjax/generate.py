@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import cache as kvcache
+from kvjax import sharding as kvsharding
 from kvjax.compress.base import Compressor, Observation, decode_capacity, identity
 from kvjax.models.llama import Llama
 
@@ -76,6 +77,17 @@ def _check_positive(name: str, value: Any, allow_none: bool = True) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _place(model: Llama, tokens: Any, lengths: Array, mesh: Any):
+    """int32 tokens; with a mesh: checks it, shards params (no-op if done) and the batch."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if mesh is None:
+        return model, tokens, lengths
+    kvsharding.check_mesh(mesh, model.config, tokens.shape[0])
+    model = kvsharding.shard_params(model, mesh)
+    tokens, lengths = kvsharding.shard_batch((tokens, lengths), mesh)
+    return model, tokens, lengths
+
+
 # --- helpers -----------------------------------------------------------------------------
 
 
@@ -108,14 +120,15 @@ def _right_aligned_obs(obs: Observation, num_valid: Array) -> Observation:
     )
 
 
-def _prefill_hook(compressor: Compressor, num_valid: Array, states: list):
+def _prefill_hook(compressor: Compressor, num_valid: Array, states: list, mesh=None):
     def hook(layer: int, layer_cache: kvcache.LayerCache, obs: Observation):
         state = compressor.init(layer_cache)
-        layer_cache, state = compressor.prefill(
-            layer_cache, _right_aligned_obs(obs, num_valid), state
+        obs = _right_aligned_obs(obs, num_valid)._replace(
+            previous=states[layer - 1] if layer > 0 else None
         )
+        layer_cache, state = compressor.prefill(layer_cache, obs, state)
         states[layer] = state
-        return layer_cache
+        return kvsharding.constrain_cache(layer_cache, mesh)
 
     return hook
 
@@ -128,10 +141,11 @@ def _run_prefill(
     chunk_size: int | None,
     capacity: int,
     return_all_logits: bool,
+    mesh=None,
 ):
     """Left-aligned tokens -> (cache, compressor states, last logits [B, V], all logits)."""
     b, t = tokens.shape
-    cache = model.init_cache(b, capacity)
+    cache = kvsharding.constrain_cache(model.init_cache(b, capacity), mesh)
     states: list = [None] * model.config.num_hidden_layers
     cs = t if chunk_size is None else min(chunk_size, t)
     n = -(-t // cs)
@@ -156,6 +170,7 @@ def _run_prefill(
         def body(carry, start):
             cache, last_logits = carry
             cache, logits, inside, all_logits = run_chunk(cache, start, None)
+            cache = kvsharding.constrain_cache(cache, mesh)
             last_logits = jnp.where(inside[:, None], logits, last_logits)
             return (cache, last_logits), all_logits
 
@@ -165,23 +180,24 @@ def _run_prefill(
             chunk_logits.append(jnp.moveaxis(scanned, 0, 1).reshape(b, (n - 1) * cs, -1))
     start = (n - 1) * cs
     num_valid_last = jnp.clip(lengths - start, 0, cs).astype(jnp.int32)
-    hook = _prefill_hook(compressor, num_valid_last, states)
+    hook = _prefill_hook(compressor, num_valid_last, states, mesh)
     cache, logits, inside, all_logits = run_chunk(cache, jnp.int32(start), hook)
     last_logits = jnp.where(inside[:, None], logits, last_logits)
     if return_all_logits:
         chunk_logits.append(all_logits)
-    cache = cache.replace(next_position=lengths.astype(jnp.int32))
+    cache = kvsharding.constrain_cache(cache.replace(next_position=lengths.astype(jnp.int32)), mesh)
     full = jnp.concatenate(chunk_logits, axis=1)[:, :t] if return_all_logits else None
     return cache, tuple(states), last_logits, full
 
 
 @functools.partial(
-    jax.jit, static_argnames=("compressor", "chunk_size", "capacity", "return_all_logits")
+    jax.jit, static_argnames=("compressor", "chunk_size", "capacity", "return_all_logits", "mesh")
 )
-def _prefill_jit(model, tokens, lengths, compressor, chunk_size, capacity, return_all_logits):
+def _prefill_jit(model, tokens, lengths, compressor, chunk_size, capacity, return_all_logits,
+                 mesh=None):
     aligned = _left_align(tokens, lengths)
     cache, states, last, full = _run_prefill(
-        model, aligned, lengths, compressor, chunk_size, capacity, return_all_logits
+        model, aligned, lengths, compressor, chunk_size, capacity, return_all_logits, mesh
     )
     if full is not None:  # back to the caller's (left-padded) layout
         full = _right_align(full, lengths, 1)
@@ -198,6 +214,7 @@ def prefill(
     capacity: int | None = None,
     return_all_logits: bool = False,
     return_state: bool = False,
+    mesh: Any = None,
 ):
     """Runs the prompt through the model and returns `(cache, logits)`.
 
@@ -211,6 +228,8 @@ def prefill(
       return_all_logits: return float32[B, T, V] logits for every position (in the input's
         layout) instead of float32[B, V] for each row's last token.
       return_state: also return the compressor's per-layer states (for `decode_step`).
+      mesh: a `kvjax.sharding.make_mesh` mesh: rows over "data", heads over "model"; the cache
+        comes back sharded the same way (see `kvjax.sharding`).
     """
     _check_tokens(model, tokens)
     b, t = np.shape(tokens)
@@ -221,9 +240,9 @@ def prefill(
     _check_positive("capacity", capacity, allow_none=False)
     if capacity < t:
         raise ValueError(f"capacity ({capacity}) is smaller than the prompt length ({t})")
+    model, tokens, lengths = _place(model, tokens, lengths, mesh)
     cache, states, last, full = _prefill_jit(
-        model, jnp.asarray(tokens, jnp.int32), lengths, compressor, chunk_size, capacity,
-        return_all_logits,
+        model, tokens, lengths, compressor, chunk_size, capacity, return_all_logits, mesh
     )
     logits = full if return_all_logits else last
     return (cache, logits, states) if return_state else (cache, logits)
@@ -277,14 +296,14 @@ def sample(logits: Array, rng: Array | None, temperature: float, top_p: float) -
 @functools.partial(
     jax.jit,
     static_argnames=("max_new_tokens", "compressor", "chunk_size", "temperature", "top_p",
-                     "eos_id", "pad_id"),
+                     "eos_id", "pad_id", "mesh"),
 )
 def _generate_jit(model, tokens, lengths, rng, max_new_tokens, compressor, chunk_size,
-                  temperature, top_p, eos_id, pad_id):
+                  temperature, top_p, eos_id, pad_id, mesh=None):
     b, t = tokens.shape
     aligned = _left_align(tokens, lengths)
     cache, states, logits, _ = _run_prefill(
-        model, aligned, lengths, compressor, chunk_size, t, False
+        model, aligned, lengths, compressor, chunk_size, t, False, mesh
     )
     cache = cache.replace(
         layers=tuple(
@@ -292,6 +311,7 @@ def _generate_jit(model, tokens, lengths, rng, max_new_tokens, compressor, chunk
             for lc in cache.layers
         )
     )
+    cache = kvsharding.constrain_cache(cache, mesh)
     rng, key = jax.random.split(rng)
     tok = sample(logits, key, temperature, top_p)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
@@ -305,6 +325,7 @@ def _generate_jit(model, tokens, lengths, rng, max_new_tokens, compressor, chunk
     def body(carry):
         step, tok, cache, states, out, done, rng = carry
         logits, cache, states = decode_step(model, cache, tok, compressor, states)
+        cache = kvsharding.constrain_cache(cache, mesh)
         rng, key = jax.random.split(rng)
         nxt = jnp.where(done, pad_id, sample(logits, key, temperature, top_p))
         out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], step, axis=1)
@@ -329,13 +350,15 @@ def generate(
     eos_id: int | None = None,
     pad_id: int | None = None,
     return_cache: bool = False,
+    mesh: Any = None,
 ):
     """Generates `max_new_tokens` tokens per row; returns int32[B, T + max_new_tokens].
 
     Greedy by default; `temperature > 0` samples (with nucleus `top_p`) and needs `rng`, an
     explicit `jax.random` key. Rows stop after emitting `eos_id` (default: the model config's
     `eos_token_id`; -1 never stops) and are padded with `pad_id` (default `eos_id`, else 0).
-    The decode loop is a `lax.while_loop` inside one jit.
+    The decode loop is a `lax.while_loop` inside one jit. With `mesh` (see `prefill`) rows run
+    data parallel over "data" and heads tensor parallel over "model".
     """
     _check_tokens(model, tokens)
     b, t = np.shape(tokens)
@@ -355,8 +378,9 @@ def generate(
     if eos_id is not None and eos_id < 0:
         eos_id = None
     pad_id = (eos_id if eos_id is not None else 0) if pad_id is None else pad_id
+    model, tokens, lengths = _place(model, tokens, lengths, mesh)
     out, cache = _generate_jit(
-        model, jnp.asarray(tokens, jnp.int32), lengths, rng, int(max_new_tokens), compressor,
-        chunk_size, float(temperature), float(top_p), eos_id, int(pad_id),
+        model, tokens, lengths, rng, int(max_new_tokens), compressor,
+        chunk_size, float(temperature), float(top_p), eos_id, int(pad_id), mesh,
     )
     return (out, cache) if return_cache else out

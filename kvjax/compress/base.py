@@ -42,6 +42,9 @@ class Observation(NamedTuple):
     inv_freq: float32[D // 2] the layer's RoPE inverse frequencies.
     layer: static layer index; num_layers: static layer count.
     scale: static softmax scale; sliding_window: static window of the model or None.
+    previous: during prefill (`kvjax.generate`), the state this compressor returned for the
+      previous layer in the same pass (None for layer 0 and at decode); lets methods share a
+      selection across layers (WindowKV, ChunkKV index reuse) without leaving the contract.
     """
 
     queries: Array
@@ -53,6 +56,7 @@ class Observation(NamedTuple):
     num_layers: int
     scale: float
     sliding_window: int | None = None
+    previous: Any = None
 
 
 class Compressor(NamedTuple):
@@ -102,7 +106,8 @@ def _chain(compressors: tuple[Compressor, ...]) -> Compressor:
         for i, (c, s) in enumerate(zip(compressors, state)):
             if i > 0:
                 s = c.init(cache)
-            cache, s = c.prefill(cache, obs, s)
+            prev = None if obs.previous is None else obs.previous[i]
+            cache, s = c.prefill(cache, obs._replace(previous=prev), s)
             states.append(s)
         return cache, tuple(states)
 
@@ -140,14 +145,16 @@ def keep_topk(cache: LayerCache, scores: Array, budget: int) -> LayerCache:
 
     scores: [B, Hkv, C] (higher is kept; use +inf to force-keep, e.g. a recent window).
     The result has static capacity `budget`; heads with fewer valid slots keep all of them.
-    Ties go to the lower slot index (the order `jax.lax.top_k` returns).
+    Ties go to the lower slot index.
     """
     if not isinstance(budget, (int, np.integer)) or budget < 1:
         raise ValueError(f"budget must be a positive int, got {budget!r}")
     budget = int(min(budget, cache.capacity))
     valid = valid_slots(cache)
     masked = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
-    _, idx = jax.lax.top_k(masked, budget)
+    # A stable argsort rather than lax.top_k: same indices and tie order, and XLA partitions
+    # it per head (top_k made it gather the scores of every head onto each device).
+    idx = jnp.argsort(-masked, axis=2, stable=True)[:, :, :budget]
     # Invalid slots (score -inf) have larger indices than every valid one after sorting only if
     # they are also at the tail; sort by (invalid, index) so valid slots come first in order.
     picked_valid = jnp.take_along_axis(valid, idx, axis=2)

@@ -1,0 +1,68 @@
+"""lm_tiny: the project's CPU-trainable byte-level Llama, shipped as `kvjax/assets/lm_tiny`.
+
+    python experiments/train_lm.py --config=configs/lm_tiny.py --workdir=runs/lm_tiny
+
+Trains in a few minutes on a 2-core CPU on single-needle retrieval (RULER niah_single_1/2/3,
+plus multi-key needles) at 256-512 tokens; the quickstart and integration tests load the
+exported checkpoint. `:micro` is a few steps of a smaller model, for tests.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(
+        hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=1024,
+        tie_word_embeddings=True))
+    c.compute_dtype = "float32"
+    # optimizer (kvjax.train.optimizer_from_config)
+    c.steps = 2000
+    c.lr = 3e-3
+    c.schedule = "cosine"
+    c.warmup_steps = 100
+    c.weight_decay = 0.01
+    c.b1 = 0.9
+    c.b2 = 0.98
+    c.clip_norm = 1.0
+    c.checkpoint_every = 200
+    c.log_every = 10
+    c.stop_at = 0  # >0: stop (with a checkpoint) after this step, as a preempted job would
+    c.time_limit_s = 0.0  # >0: end training between checkpoints before this many seconds
+    c.data_workers = 0  # processes computing batches ahead (0: in the training process)
+    c.export_dir = ""  # default WORKDIR/export
+    c.data = ml_collections.ConfigDict(dict(
+        seed=1, lengths=(256, 512), length_weights=(1.0, 1.0), tokens_per_batch=4096,
+        tasks={"niah_single_1": 1.0, "niah_single_2": 1.0, "niah_single_3": 1.0},
+        filler=2.0, context_weight=0.1))
+    c.eval = ml_collections.ConfigDict(dict(
+        tasks=("niah_single_1", "niah_single_2", "niah_single_3"), lengths=(256, 512),
+        num_samples=50, batch_size=25, seed=0))
+    if arg == "gpu":  # the same model and data, bigger batches: about a minute on one H100
+        c.steps = 1500
+        c.data.tokens_per_batch = 32768
+        c.compute_dtype = "bfloat16"
+        c.data_workers = 6
+        c.checkpoint_every = 500
+        c.log_every = 50
+    elif arg == "micro":
+        c.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=16)
+        c.steps = 3
+        c.warmup_steps = 0
+        c.checkpoint_every = 2
+        c.log_every = 1
+        c.data.lengths = (256,)
+        c.data.length_weights = (1.0,)
+        c.data.tokens_per_batch = 512
+        c.data.tasks = {"niah_single_1": 1.0}
+        c.eval.tasks = ("niah_single_1",)
+        c.eval.lengths = (256,)
+        c.eval.num_samples = 2
+        c.eval.batch_size = 2
+    elif arg:
+        raise ValueError(f"unknown config variant {arg!r}; known: 'gpu', 'micro'")
+    return c

@@ -1,0 +1,206 @@
+"""Trains one of the project's own Llama-architecture language models on RULER-style tasks.
+
+    python experiments/train_lm.py --config=configs/lm_tiny.py --workdir=runs/lm_tiny
+    python experiments/train_lm.py --config=configs/lm_small.py --workdir=runs/lm_small
+
+The model is `kvjax.models.Llama` with the byte-level tokenizer; the data is the task mixture
+of `kvjax.eval.mixture` (batches are a pure function of the step, produced ahead by worker
+processes); the loop is `kvjax.train.train` (optax AdamW, orbax checkpoints: rerun with the
+same workdir to resume, tqdm progress, WORKDIR/metrics.jsonl). Parameters stay float32; the
+forward runs in `config.compute_dtype` (bfloat16 on GPU: cuDNN flash attention through
+`jax.nn.dot_product_attention`).
+
+Writes WORKDIR/export (config.json + model.safetensors + tokenizer.json: load with
+`kvjax.models.load` or transformers), WORKDIR/loss.png, and, when `config.eval.tasks` is set,
+the full-cache accuracy on them in WORKDIR/eval.json (printed as a table).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kvjax import train as kvtrain
+from kvjax.eval import mixture, report, runner
+from kvjax.eval.tokenizer import ByteTokenizer
+from kvjax.learned.backbone import LayerInputs, forward
+from kvjax.models import Llama, LlamaConfig
+from kvjax.models import save as save_model
+
+KIND = "kvjax_lm"
+
+
+@functools.cache
+def _cudnn_works(dtype: str) -> bool:
+    """Whether cuDNN fused attention compiles here for causal GQA in `dtype` (GPU only)."""
+    if jax.default_backend() != "gpu" or dtype not in ("bfloat16", "float16"):
+        return False
+    q = jnp.ones((1, 128, 4, 32), dtype)
+    k = jnp.ones((1, 128, 2, 32), dtype)
+    try:
+        jax.block_until_ready(jax.jit(lambda q, k: jax.nn.dot_product_attention(
+            q, k, k, is_causal=True, implementation="cudnn"))(q, k))
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure means: use XLA's attention
+        print(f"cuDNN attention unavailable ({type(e).__name__}); using XLA attention")
+        return False
+
+
+def causal_attention(layer: int, inputs: LayerInputs) -> tuple[jax.Array, None]:
+    """Causal GQA attention through `jax.nn.dot_product_attention` (cuDNN flash attention on
+    GPU in bf16/fp16, XLA otherwise)."""
+    del layer
+    t = lambda x: x.transpose(0, 2, 1, 3)  # [B, H, T, D] <-> [B, T, H, D]
+    impl = "cudnn" if _cudnn_works(jnp.dtype(inputs.queries.dtype).name) else None
+    out = jax.nn.dot_product_attention(t(inputs.queries), t(inputs.keys), t(inputs.values),
+                                       scale=inputs.scale, is_causal=True, implementation=impl)
+    return t(out), None
+
+
+@functools.cache
+def lm_loss(compute_dtype: str):
+    """`loss_fn(model, backbone, batch, rng)` for `kvjax.train.train`: weighted next-token
+    cross-entropy (batch["weights"] aligned with the predicted tokens), the forward in
+    `compute_dtype` from float32 parameters."""
+    dtype = jnp.dtype(compute_dtype)
+
+    def loss_fn(model: Llama, backbone: Any, batch: Mapping[str, jax.Array], rng: jax.Array):
+        del backbone, rng
+        if dtype != model.dtype:
+            shadow = nnx.eval_shape(lambda: Llama(model.config, rngs=nnx.Rngs(0), dtype=dtype))
+            state = jax.tree.map(lambda x: x.astype(dtype), nnx.state(model))
+            model = nnx.merge(nnx.graphdef(shadow), state)
+        tokens = batch["tokens"]
+        logits, _ = forward(model, tokens, attend_fn=causal_attention)
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        w = batch["weights"][:, 1:]
+        loss = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1e-6)
+        target = (w == 1.0).astype(jnp.float32)
+        hit = (jnp.argmax(logp, axis=-1) == tokens[:, 1:]).astype(jnp.float32)
+        acc = jnp.sum(hit * target) / jnp.maximum(jnp.sum(target), 1.0)
+        return loss, {"target_token_acc": acc}
+
+    return loss_fn
+
+
+def model_config(config: Mapping[str, Any]) -> LlamaConfig:
+    m = dict(config["model"])
+    return LlamaConfig(vocab_size=ByteTokenizer.vocab_size, bos_token_id=ByteTokenizer.bos_id,
+                       eos_token_id=ByteTokenizer.eos_id, **m)
+
+
+def _batches(data: Mapping[str, Any], workers: int) -> tuple[Any, Any]:
+    """`batch_fn(step)` backed by a process pool that computes upcoming steps ahead."""
+    data = json.loads(json.dumps(dict(data.to_dict() if hasattr(data, "to_dict") else data)))
+    if workers <= 0:
+        return functools.partial(mixture.lm_batch, data), None
+    saved = os.environ.get("JAX_PLATFORMS")
+    os.environ["JAX_PLATFORMS"] = "cpu"  # workers make numpy batches: keep them off the GPU
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+    finally:
+        if saved is None:
+            del os.environ["JAX_PLATFORMS"]
+        else:
+            os.environ["JAX_PLATFORMS"] = saved
+    state: dict[str, Any] = {"next": None, "it": None}
+
+    def batch_fn(step: int):
+        if state["next"] != step:  # (re)start the stream at this step
+            it: Iterator = pool.imap(functools.partial(mixture.lm_batch, data),
+                                     range(step, 1 << 30), chunksize=1)
+            state["it"] = it
+        state["next"] = step + 1
+        return next(state["it"])
+
+    return batch_fn, pool
+
+
+def run(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
+    """Trains (or resumes), exports, plots the loss and evaluates; returns paths and metrics."""
+    mixture.check_data(config["data"])
+    mcfg = model_config(config)
+    model = Llama(mcfg, rngs=nnx.Rngs(int(config["seed"])), dtype=jnp.float32)
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    print(f"model: {n_params / 1e6:.2f}M parameters, {mcfg.num_hidden_layers} layers, "
+          f"hidden {mcfg.hidden_size}; backend {jax.default_backend()}", flush=True)
+    tx = kvtrain.optimizer_from_config(config)
+    batch_fn, pool = _batches(config["data"], int(config["data_workers"]))
+    steps, every = int(config["steps"]), int(config["checkpoint_every"])
+    stop_at = int(config["stop_at"]) or steps
+    limit = float(config["time_limit_s"])
+    meta = {"backbone": {}, "component": {"kind": KIND, "config": dict(config["model"])}}
+    start = time.perf_counter()
+    try:
+        # Chunks of checkpoint_every steps (each resumes from the last checkpoint, compiled
+        # steps are reused) so a time limit can end the run between chunks.
+        reached, last_chunk = 0, 0.0
+        while True:
+            chunk_start = time.perf_counter()
+            target = min(stop_at, (reached // every + 1) * every) if limit else stop_at
+            result = kvtrain.train(
+                model, None, lm_loss(str(config["compute_dtype"])), batch_fn, steps=steps,
+                optimizer=tx, workdir=workdir, checkpoint_every=every,
+                log_every=int(config["log_every"]), seed=int(config["seed"]),
+                stop_at=target, meta=meta)
+            reached = result.step
+            last_chunk = time.perf_counter() - chunk_start
+            elapsed = time.perf_counter() - start
+            if reached >= stop_at:
+                break
+            if elapsed + last_chunk > limit:
+                print(f"time limit {limit:.0f} s: stopping at step {reached} of {steps}")
+                break
+    finally:
+        if pool is not None:
+            pool.terminate()
+    train_s = time.perf_counter() - start
+    out: dict[str, Any] = {"step": result.step, "train_seconds": train_s,
+                           "parameters": int(n_params)}
+    metrics_file = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(metrics_file):
+        out["loss_plot"] = report.plot_loss(metrics_file, os.path.join(workdir, "loss.png"))
+    if result.step < steps and not limit:
+        print(f"stopped at step {result.step} of {steps}; rerun to resume")
+        return out
+    export = config.get("export_dir") or os.path.join(workdir, "export")
+    save_model(result.component, export)
+    ByteTokenizer().save(export)
+    out["export"] = export
+    print(f"exported to {export}; trained {result.step} steps in {train_s:.0f} s", flush=True)
+    ev = config["eval"]
+    if ev["tasks"]:
+        results = runner.full_cache_accuracy(
+            result.component, ByteTokenizer(), list(ev["tasks"]), list(ev["lengths"]),
+            int(ev["num_samples"]), int(ev["batch_size"]), seed=int(ev["seed"]))
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        print(report.accuracy_table(results), flush=True)
+        out["eval"] = results
+    return out
+
+
+if __name__ == "__main__":
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "model/training config file")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs, export")
+    flags.mark_flag_as_required("workdir")
+
+    def main(argv):
+        del argv
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+        run(_CONFIG.value, _WORKDIR.value)
+
+    app.run(main, flags_parser=kvtrain.flags_parser)

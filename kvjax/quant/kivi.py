@@ -1,0 +1,460 @@
+"""KIVI: tuning-free asymmetric 2-bit quantization of the KV cache (Liu et al., ICML 2024,
+arXiv:2402.02750).
+
+Keys are quantized per channel over groups of G tokens along the sequence (key outliers live in
+fixed channels), values per token over groups of G channels; both asymmetric (scale and zero
+point), at 2 bits (also 4 and 8). The R most recent tokens stay in full precision in a residual
+window; when a new token finds the window full, its oldest G tokens are quantized (one key group)
+and moved to the quantized part. Paper defaults: G = 32, R = 128.
+
+    comp = kvjax.quant.kivi(bits=2)                                    # a Compressor
+    out = kvjax.generate(model, tokens, 64, compressor=comp)
+    comp = kvjax.compress.chain(kvjax.compress.snapkv(budget=2048), kvjax.quant.kivi(bits=2))
+
+`kivi().prefill` turns the layer's dense `LayerCache` into a `QuantizedLayerCache`; decoding then
+appends into the residual window (`QuantizedLayerCache.write`), so `decode` has nothing to do.
+
+QuantizedLayerCache layout (B batch, H KV heads, D head dim, G group, P = 32 // bits groups per
+uint32 word, Nb blocks of P groups, Ng = Nb * P groups, R residual slots):
+  k_codes, v_codes      uint32[B, H, Nb, G, D]  packed codes (`kvjax.quant.packing`)
+  k_scale, k_zero       [B, H, Ng, D]           per key group and channel (16-bit, default bf16)
+  v_scale, v_zero       [B, H, Ng, D // G, G]   per token and channel group (16-bit)
+  quant_positions       int32[B, H, Ng * G]     original positions of quantized tokens; -1 empty
+  num_quantized         int32[B, H]             quantized tokens [0, n) are valid
+  residual_keys/values  [B, H, R, D]            full precision (the model's dtype), oldest first
+  residual_positions    int32[B, H, R]          -1 for empty slots
+  num_residual          int32[B, H]             residual slots [0, n) are valid
+Bits, G and R follow from the array shapes (no static fields), so save/restore is plain arrays.
+Token slots (`capacity`, `positions`) are the quantized slots followed by the residual slots;
+a slot holds a token iff its position is >= 0.
+
+Memory per token and KV head (D = 128, G = 32, bf16 scale/zero, int32 position): 2-bit 100 bytes,
+4-bit 164, 8-bit 292, versus 516 for a bf16 LayerCache (keys + values + position).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax import attention as kvattention
+from kvjax import cache as kvcache
+from kvjax.cache import LayerCache
+from kvjax.compress.base import Compressor, Observation
+from kvjax.quant import packing
+
+Array = jax.Array
+
+
+@struct.dataclass
+class QuantizedLayerCache:
+    k_codes: Array
+    k_scale: Array
+    k_zero: Array
+    v_codes: Array
+    v_scale: Array
+    v_zero: Array
+    quant_positions: Array
+    num_quantized: Array
+    residual_keys: Array
+    residual_values: Array
+    residual_positions: Array
+    num_residual: Array
+
+    # --- static facts, read off the shapes -------------------------------------------------
+    @property
+    def bits(self) -> int:
+        return 32 // (self.k_scale.shape[2] // self.k_codes.shape[2])
+
+    @property
+    def group_size(self) -> int:
+        return self.k_codes.shape[3]
+
+    @property
+    def residual_size(self) -> int:
+        return self.residual_keys.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k_codes.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.k_codes.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_codes.shape[4]
+
+    @property
+    def quantized_capacity(self) -> int:
+        return self.quant_positions.shape[2]
+
+    # --- the cache-kind protocol -----------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.quantized_capacity + self.residual_size
+
+    @property
+    def lengths(self) -> Array:
+        return (self.num_quantized + self.num_residual).astype(jnp.int32)
+
+    @property
+    def positions(self) -> Array:
+        return jnp.concatenate([self.quant_positions, self.residual_positions], axis=2)
+
+    def write(self, keys: Array, values: Array, positions: Array,
+              num_valid: Array | None = None) -> QuantizedLayerCache:
+        """Appends T tokens per head to the residual window (`kvjax.cache.write` semantics).
+
+        keys, values [B, H, T, D]; positions int32[B, T]; num_valid int32[B] (default T).
+        Before each append, a head whose window is full moves its oldest G tokens to the
+        quantized part. Tokens that find both parts full are dropped (capacities are static;
+        `grow` makes room).
+        """
+        b, h, t, _ = keys.shape
+        if num_valid is None:
+            num_valid = jnp.full((b,), t, jnp.int32)
+        return _write(self, keys, values, positions, num_valid)
+
+    def grow(self, capacity: int) -> QuantizedLayerCache:
+        """Room for at least `capacity` token slots (the quantized part grows by whole blocks of
+        P groups, so the result may hold more; a smaller `capacity` returns the cache as is)."""
+        g, per = self.group_size, 32 // self.bits
+        ng_old = self.k_scale.shape[2]
+        ng = _round_up(-(-(capacity - self.residual_size) // g), per)
+        if ng <= ng_old:
+            return self
+        extra = ng - ng_old
+
+        def pad(arr: Array, n: int, value: Any = 0) -> Array:
+            widths = [(0, 0)] * arr.ndim
+            widths[2] = (0, n)
+            return jnp.pad(arr, widths, constant_values=value)
+
+        return self.replace(
+            k_codes=pad(self.k_codes, extra // per),
+            k_scale=pad(self.k_scale, extra),
+            k_zero=pad(self.k_zero, extra),
+            v_codes=pad(self.v_codes, extra // per),
+            v_scale=pad(self.v_scale, extra),
+            v_zero=pad(self.v_zero, extra),
+            quant_positions=pad(self.quant_positions, extra * g, -1),
+        )
+
+    # --- reading ---------------------------------------------------------------------------
+    def dequantize(self) -> tuple[Array, Array]:
+        """float32 (keys, values) [B, H, Ng * G, D] of the quantized part."""
+        b, h, _, g, d = self.k_codes.shape
+        ng = self.k_scale.shape[2]
+        kc = packing.unpack(self.k_codes, self.bits)  # [B, H, Ng, G, D]
+        keys = packing.dequantize(kc, self.k_scale[:, :, :, None], self.k_zero[:, :, :, None])
+        vc = packing.unpack(self.v_codes, self.bits).reshape(b, h, ng * g, d)
+        vs = jnp.swapaxes(self.v_scale, 3, 4).reshape(b, h, ng * g, -1)
+        vz = jnp.swapaxes(self.v_zero, 3, 4).reshape(b, h, ng * g, -1)
+        values = packing.dequantize_values(vc, jnp.swapaxes(vs, 2, 3), jnp.swapaxes(vz, 2, 3))
+        return keys.reshape(b, h, ng * g, d), values
+
+    def to_dense(self, dtype: Any = jnp.float32) -> LayerCache:
+        """A dense LayerCache of the same slots (validity by position >= 0; the reference)."""
+        return _to_dense(self, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _to_dense(c: QuantizedLayerCache, dtype: Any) -> LayerCache:
+    keys, values = c.dequantize()
+    keys = jnp.concatenate([keys, c.residual_keys.astype(jnp.float32)], axis=2)
+    values = jnp.concatenate([values, c.residual_values.astype(jnp.float32)], axis=2)
+    return LayerCache(
+        keys=keys.astype(dtype),
+        values=values.astype(dtype),
+        lengths=jnp.full(c.lengths.shape, c.capacity, jnp.int32),
+        positions=_valid_positions(c),
+    )
+
+
+kvcache.register_cache_type(QuantizedLayerCache)
+
+
+@jax.jit
+def _write(cache: QuantizedLayerCache, keys: Array, values: Array, positions: Array,
+           num_valid: Array) -> QuantizedLayerCache:
+    if keys.shape[2] == 1:
+        return _append(cache, keys[:, :, 0], values[:, :, 0], positions[:, 0], num_valid > 0)
+
+    def step(cache, xs):
+        k, v, p, i = xs
+        return _append(cache, k, v, p, i < num_valid), None
+
+    xs = (jnp.moveaxis(keys, 2, 0), jnp.moveaxis(values, 2, 0), jnp.moveaxis(positions, 1, 0),
+          jnp.arange(keys.shape[2]))
+    return jax.lax.scan(step, cache, xs)[0]
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _valid_positions(c: QuantizedLayerCache) -> Array:
+    qvalid = jnp.arange(c.quantized_capacity)[None, None] < c.num_quantized[:, :, None]
+    rvalid = jnp.arange(c.residual_size)[None, None] < c.num_residual[:, :, None]
+    return jnp.concatenate(
+        [jnp.where(qvalid, c.quant_positions, -1), jnp.where(rvalid, c.residual_positions, -1)],
+        axis=2,
+    )
+
+
+def check_config(bits: Any, group_size: Any, residual: Any) -> None:
+    """ValueError unless bits in {2, 4, 8}, group_size >= 1 and residual a multiple of it."""
+    packing.check_bits(bits)
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if not isinstance(residual, int) or isinstance(residual, bool):
+        raise ValueError(f"residual must be an int, got {residual!r}")
+    if residual < group_size or residual % group_size:
+        raise ValueError(
+            f"residual ({residual}) must be a positive multiple of group_size ({group_size}): "
+            "the window hands G tokens at a time to the quantized part"
+        )
+
+
+def _check_head_dim(head_dim: int, group_size: int) -> None:
+    if head_dim % group_size:
+        raise ValueError(
+            f"group_size ({group_size}) must divide the head dim ({head_dim}): values are "
+            "quantized in groups of group_size channels"
+        )
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "residual", "scale_dtype"))
+def from_dense(
+    layer: LayerCache,
+    bits: int,
+    group_size: int = 32,
+    residual: int = 128,
+    scale_dtype: Any = jnp.bfloat16,
+) -> QuantizedLayerCache:
+    """Quantizes a dense LayerCache (valid slots [0, lengths) in order, oldest first).
+
+    Each head keeps its newest tokens in the residual window (at most `residual`, the rest in
+    whole groups of G); with residual = 0 everything is quantized, the last group of a head may
+    be partial, and an empty window of G slots is allocated (zero-size arrays cannot be saved;
+    with a partial group nothing is ever flushed, so such a cache is meant to stay as built).
+    Slot data is not carried over.
+    """
+    packing.check_bits(bits)
+    g = group_size
+    if residual:
+        check_config(bits, group_size, residual)
+    b, h, c, d = layer.keys.shape
+    _check_head_dim(d, g)
+    per = 32 // bits
+    n = jnp.minimum(layer.lengths, c).astype(jnp.int32)
+    if residual:
+        nq = g * (-(-jnp.maximum(n - residual, 0) // g))
+    else:
+        nq = n
+    nr = n - nq
+    ng = max(_round_up(-(-max(c - residual, 0) // g), per), per)  # at least one block
+    cq = ng * g
+
+    def pad_to(arr: Array, size: int, value: Any = 0) -> Array:
+        if arr.shape[2] >= size:
+            return arr[:, :, :size]
+        widths = [(0, 0)] * arr.ndim
+        widths[2] = (0, size - arr.shape[2])
+        return jnp.pad(arr, widths, constant_values=value)
+
+    tok = jnp.arange(cq)[None, None, :]
+    qvalid = tok < nq[:, :, None]  # [B, H, Cq]
+    keys = pad_to(layer.keys, cq).reshape(b, h, ng, g, d)
+    kc, ks, kz = packing.quantize_keys(keys, qvalid.reshape(b, h, ng, g), bits, scale_dtype)
+    values = pad_to(layer.values, cq).reshape(b, h, ng, g, d)
+    vc, vs, vz = packing.quantize_values(values, g, bits, scale_dtype)  # [B,H,Ng,G,D], [..,D/G,G]
+    vmask = qvalid.reshape(b, h, ng, 1, g)
+    vc = jnp.where(qvalid.reshape(b, h, ng, g, 1), vc, 0).astype(jnp.uint32)
+    qpos = jnp.where(qvalid, pad_to(layer.positions, cq, -1), -1).astype(jnp.int32)
+
+    r = residual if residual else g
+    idx = nq[:, :, None] + jnp.arange(r)[None, None, :]  # [B, H, R]
+    rvalid = idx < n[:, :, None]
+    idx = jnp.clip(idx, 0, max(c - 1, 0))
+
+    def take(arr: Array) -> Array:
+        ix = idx.reshape(idx.shape + (1,) * (arr.ndim - 3))
+        return jnp.take_along_axis(arr, ix, axis=2)
+
+    zero = jnp.zeros((), layer.keys.dtype)
+    return QuantizedLayerCache(
+        k_codes=packing.pack(kc, bits),
+        k_scale=ks,
+        k_zero=kz,
+        v_codes=packing.pack(vc, bits),
+        v_scale=jnp.where(vmask, vs, 0).astype(scale_dtype),
+        v_zero=jnp.where(vmask, vz, 0).astype(scale_dtype),
+        quant_positions=qpos,
+        num_quantized=nq.astype(jnp.int32),
+        residual_keys=jnp.where(rvalid[..., None], take(layer.keys), zero),
+        residual_values=jnp.where(rvalid[..., None], take(layer.values), zero),
+        residual_positions=jnp.where(rvalid, take(layer.positions), -1).astype(jnp.int32),
+        num_residual=nr.astype(jnp.int32),
+    )
+
+
+def _flush(c: QuantizedLayerCache, mask: Array) -> QuantizedLayerCache:
+    """Moves the oldest G residual tokens of the heads in `mask` (bool[B, H]) to a new group."""
+    g, bits = c.group_size, c.bits
+    per = 32 // bits
+    b, h = mask.shape
+    nb, ng = c.k_codes.shape[2], c.k_scale.shape[2]
+    kc, ks, kz = packing.quantize_keys(
+        c.residual_keys[:, :, None, :g], jnp.ones((b, h, 1, g), bool), bits, c.k_scale.dtype
+    )
+    vc, vs, vz = packing.quantize_values(c.residual_values[:, :, :g], g, bits, c.v_scale.dtype)
+    gi = c.num_quantized // g  # [B, H] the group to fill
+    blk, j = gi // per, (gi % per).astype(jnp.uint32)
+    bi = jnp.arange(b)[:, None]
+    hi = jnp.arange(h)[None, :]
+    shift = (j * bits)[:, :, None, None]
+    old_k = c.k_codes[bi, hi, jnp.minimum(blk, nb - 1)]  # [B, H, G, D]
+    old_v = c.v_codes[bi, hi, jnp.minimum(blk, nb - 1)]
+    blk_idx = jnp.where(mask, blk, nb)  # out of range: dropped
+    gi_idx = jnp.where(mask, gi, ng)
+    slots = jnp.where(mask[..., None], gi[..., None] * g + jnp.arange(g), ng * g)  # [B, H, G]
+    bi3, hi3 = bi[..., None], hi[..., None]
+    roll = lambda x, fill: jnp.concatenate(  # noqa: E731
+        [x[:, :, g:], jnp.full_like(x[:, :, :g], fill)], axis=2
+    )
+    m4 = mask[:, :, None, None]
+    return c.replace(
+        k_codes=c.k_codes.at[bi, hi, blk_idx].set(old_k | (kc[:, :, 0] << shift), mode="drop"),
+        v_codes=c.v_codes.at[bi, hi, blk_idx].set(old_v | (vc << shift), mode="drop"),
+        k_scale=c.k_scale.at[bi, hi, gi_idx].set(ks[:, :, 0], mode="drop"),
+        k_zero=c.k_zero.at[bi, hi, gi_idx].set(kz[:, :, 0], mode="drop"),
+        v_scale=c.v_scale.at[bi, hi, gi_idx].set(vs, mode="drop"),
+        v_zero=c.v_zero.at[bi, hi, gi_idx].set(vz, mode="drop"),
+        quant_positions=c.quant_positions.at[bi3, hi3, slots].set(
+            c.residual_positions[:, :, :g], mode="drop"
+        ),
+        num_quantized=c.num_quantized + g * mask,
+        residual_keys=jnp.where(m4, roll(c.residual_keys, 0), c.residual_keys),
+        residual_values=jnp.where(m4, roll(c.residual_values, 0), c.residual_values),
+        residual_positions=jnp.where(
+            mask[..., None], roll(c.residual_positions, -1), c.residual_positions
+        ),
+        num_residual=c.num_residual - g * mask,
+    )
+
+
+def _append(c: QuantizedLayerCache, k: Array, v: Array, pos: Array, valid: Array):
+    """One token per row (k, v [B, H, D], pos int32[B], valid bool[B]) into the residual."""
+    r = c.residual_size
+    room = c.num_quantized // c.group_size < c.k_scale.shape[2]
+    full = (c.num_residual >= r) & valid[:, None]
+    c = _flush(c, full & room & (c.num_quantized % c.group_size == 0))
+    b, h = c.num_residual.shape
+    ok = valid[:, None] & (c.num_residual < r)
+    slot = jnp.where(ok, c.num_residual, r)
+    bi = jnp.arange(b)[:, None]
+    hi = jnp.arange(h)[None, :]
+    pos = jnp.broadcast_to(pos[:, None], (b, h)).astype(jnp.int32)
+    return c.replace(
+        residual_keys=c.residual_keys.at[bi, hi, slot].set(
+            k.astype(c.residual_keys.dtype), mode="drop"
+        ),
+        residual_values=c.residual_values.at[bi, hi, slot].set(
+            v.astype(c.residual_values.dtype), mode="drop"
+        ),
+        residual_positions=c.residual_positions.at[bi, hi, slot].set(pos, mode="drop"),
+        num_residual=c.num_residual + ok,
+    )
+
+
+# --- attention -------------------------------------------------------------------------------
+
+
+def use_kernel(layer: QuantizedLayerCache, q: Array, sliding_window: int | None,
+               impl: str) -> bool:
+    """The Pallas kernel serves decode (one query per row, no window) on GPU."""
+    from pallas_kernels import quantized_decode_attention as qda
+
+    return (
+        impl == "auto" and kvattention.kernel_platform() == "gpu" and q.shape[2] == 1
+        and sliding_window is None
+        and qda.supported(layer.head_dim, layer.group_size, layer.residual_size)
+    )
+
+
+def kernel_partials(q: Array, layer: QuantizedLayerCache, scale: float | None, **kwargs):
+    """Split-K partials of decode queries q [B, Hq, D] over the cache (see the kernel module)."""
+    from pallas_kernels import quantized_decode_attention as qda
+
+    res = (layer.residual_keys, layer.residual_values, layer.num_residual)
+    return qda.quantized_decode_partials(
+        q, layer.k_codes, layer.k_scale, layer.k_zero, layer.v_codes, layer.v_scale,
+        layer.v_zero, layer.num_quantized, *res, scale=scale, **kwargs,
+    )
+
+
+def quantized_attend(
+    q: Array,
+    q_positions: Array,
+    layer: QuantizedLayerCache,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    impl: str = "auto",
+) -> Array:
+    """Attention over a QuantizedLayerCache: the Pallas kernel for GPU decode, else the
+    reference (dequantize to float32, `kvjax.attention.reference_attention`)."""
+    if q.shape[-1] != layer.head_dim:
+        raise ValueError(f"q head dim {q.shape[-1]} != cache head dim {layer.head_dim}")
+    if use_kernel(layer, q, sliding_window, impl):
+        from pallas_kernels import quantized_decode_attention as qda
+
+        out = qda.combine([kernel_partials(q[:, :, 0], layer, scale)], q.dtype)
+        return out[:, :, None]
+    return kvattention.reference_attention(q, q_positions, layer.to_dense(), scale, sliding_window)
+
+
+kvattention.register(QuantizedLayerCache, quantized_attend)
+
+
+# --- the compressor --------------------------------------------------------------------------
+
+
+def kivi(
+    bits: int = 2,
+    group_size: int = 32,
+    residual: int = 128,
+    scale_dtype: Any = jnp.bfloat16,
+) -> Compressor:
+    """KIVI quantization as a Compressor (prefill quantizes; decode appends to the residual).
+
+    Args:
+      bits: 2, 4 or 8 bits per key/value entry (paper: 2).
+      group_size: G, tokens per key group and channels per value group (paper: 32); must divide
+        the head dim.
+      residual: R, recent tokens kept in full precision (paper: 128); a multiple of G.
+      scale_dtype: 16-bit dtype of scales and zero points (bfloat16 or float16).
+    """
+    check_config(bits, group_size, residual)
+    if jnp.dtype(scale_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"scale_dtype must be bfloat16 or float16, got {scale_dtype!r}")
+    return _kivi(bits, group_size, residual, jnp.dtype(scale_dtype).name)
+
+
+@functools.cache
+def _kivi(bits: int, group_size: int, residual: int, scale_dtype: str) -> Compressor:
+    def prefill(cache: Any, obs: Observation, state: Any):
+        if not isinstance(cache, LayerCache):
+            raise TypeError(f"kivi quantizes a dense LayerCache, got {type(cache).__name__}")
+        return from_dense(cache, bits, group_size, residual, jnp.dtype(scale_dtype)), state
+
+    def decode(cache: Any, obs: Observation, state: Any):
+        return cache, state  # appends go through QuantizedLayerCache.write
+
+    return Compressor(init=lambda cache: (), prefill=prefill, decode=decode)

@@ -1,0 +1,181 @@
+"""The quantized decode kernel (interpret mode on CPU) against its jnp reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import quantized_decode_attention as qda
+
+ARGS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "num_quantized",
+        "residual_keys", "residual_values", "num_residual")
+
+
+def _cache(seed, b, h, d, bits, g, nb, r, vg=None, full=False):
+    """Random packed codes and scales (independent of kvjax.quant), ragged counts."""
+    vg = g if vg is None else vg
+    per = 32 // bits
+    ng = nb * per
+    rng = np.random.default_rng(seed)
+    u32 = lambda s: jnp.asarray(rng.integers(0, 2**32, s, dtype=np.uint64).astype(np.uint32))  # noqa: E731
+    sc = lambda s: jnp.asarray(rng.uniform(0.5, 2.0, s) / (2**bits - 1), jnp.bfloat16)  # noqa: E731
+    zp = lambda s: jnp.asarray(rng.uniform(-1.0, 0.0, s), jnp.bfloat16)  # noqa: E731
+    nq = rng.integers(0, ng * g + 1, (b, h))
+    nr = rng.integers(0, r + 1, (b, h))
+    if full:
+        nq[:], nr[:] = ng * g, r
+    nq.flat[0] = ng * g  # one full head, one partial block, one empty head when possible
+    if nq.size > 1:
+        nq.flat[-1] = 0
+    return dict(
+        k_codes=u32((b, h, nb, g, d)), k_scale=sc((b, h, ng, d)), k_zero=zp((b, h, ng, d)),
+        v_codes=u32((b, h, nb, g, d)), v_scale=sc((b, h, ng, d // vg, g)),
+        v_zero=zp((b, h, ng, d // vg, g)), num_quantized=jnp.asarray(nq, jnp.int32),
+        residual_keys=jnp.asarray(rng.normal(size=(b, h, r, d)), jnp.float32),
+        residual_values=jnp.asarray(rng.normal(size=(b, h, r, d)), jnp.float32),
+        num_residual=jnp.asarray(nr, jnp.int32),
+    )
+
+
+def _q(seed, b, hq, d, dtype=jnp.float32):
+    return jnp.asarray(2 * np.random.default_rng(seed).normal(size=(b, hq, d)), dtype)
+
+
+# bits, (batch, kv heads, query heads per kv head, head dim, group, blocks, residual, splits);
+# each bit width gets a different shape (interpret-mode compiles dominate the test time).
+CASES = [
+    (8, (2, 2, 3, 32, 16, 2, 32, 2)),
+    (4, (1, 3, 1, 16, 16, 3, 16, None)),
+    (2, (2, 1, 4, 64, 32, 1, 32, 1)),
+    (2, (1, 2, 2, 16, 16, 2, 48, 3)),
+]
+
+
+@pytest.mark.parametrize("bits,shape", CASES)
+def test_kernel_matches_reference(bits, shape):
+    b, h, gq, d, g, nb, r, splits = shape
+    arrs = _cache(bits * 10 + d, b, h, d, bits, g, nb, r)
+    q = _q(bits, b, h * gq, d)
+    args = [arrs[k] for k in ARGS]
+    out = qda.quantized_decode_attention(q, *args, num_splits=splits)
+    ref = qda.reference(q, *args)
+    assert out.shape == (b, h * gq, d) and out.dtype == q.dtype
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+    # the empty head (no quantized token, some or no residual) is finite
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_unrolled_compiled_structure_matches():
+    """The GPU code path (groups unrolled, chunked online softmax) in interpret mode."""
+    bits, b, h, gq, d, g, nb, r = 4, 1, 1, 2, 16, 16, 2, 16
+    arrs = _cache(bits, b, h, d, bits, g, nb, r)
+    q = _q(bits + 1, b, h * gq, d)
+    args = [arrs[k] for k in ARGS]
+    out = qda.quantized_decode_attention(q, *args, unroll=True, softmax_chunk=4, num_splits=2)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(qda.reference(q, *args)),
+                               rtol=2e-5, atol=2e-5)
+
+
+def test_value_groups_narrower_than_token_groups_and_bf16():
+    b, h, gq, d, g, nb, r = 2, 2, 2, 32, 16, 2, 32
+    arrs = _cache(5, b, h, d, 4, g, nb, r, vg=8)
+    arrs["residual_keys"] = arrs["residual_keys"].astype(jnp.bfloat16)
+    arrs["residual_values"] = arrs["residual_values"].astype(jnp.bfloat16)
+    q = _q(6, b, h * gq, d, jnp.bfloat16)
+    args = [arrs[k] for k in ARGS]
+    out = qda.quantized_decode_attention(q, *args)
+    ref = qda.reference(q.astype(jnp.float32), *args)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=3e-2)
+
+
+def _dense(arrs, with_residual):
+    """float32 keys, values [B, H, S, D] and validity of a cache, unpacked independently."""
+    kc = arrs["k_codes"]
+    b, h, nb, g, d = kc.shape
+    per = arrs["k_scale"].shape[2] // nb
+    bits = 32 // per
+    shifts = jnp.arange(per, dtype=jnp.uint32)[:, None, None] * bits
+
+    def unpack(w):
+        return ((w[:, :, :, None] >> shifts) & (2**bits - 1)).reshape(b, h, -1, g, d)
+
+    keys = unpack(kc) * arrs["k_scale"][:, :, :, None].astype(jnp.float32)
+    keys = keys + arrs["k_zero"][:, :, :, None].astype(jnp.float32)
+    ncg = arrs["v_scale"].shape[3]
+    vs = jnp.swapaxes(arrs["v_scale"], 3, 4).astype(jnp.float32)[..., None]
+    vz = jnp.swapaxes(arrs["v_zero"], 3, 4).astype(jnp.float32)[..., None]
+    vals = unpack(arrs["v_codes"]).reshape(b, h, -1, g, ncg, d // ncg) * vs + vz
+    keys, vals = keys.reshape(b, h, -1, d), vals.reshape(b, h, -1, d)
+    valid = jnp.arange(keys.shape[2])[None, None] < arrs["num_quantized"][..., None]
+    if with_residual:
+        r = arrs["residual_keys"].shape[2]
+        keys = jnp.concatenate([keys, arrs["residual_keys"]], 2)
+        vals = jnp.concatenate([vals, arrs["residual_values"]], 2)
+        valid = jnp.concatenate(
+            [valid, jnp.arange(r)[None, None] < arrs["num_residual"][..., None]], 2
+        )
+    return keys, vals, valid
+
+
+def test_without_residual_and_partials_combine_over_two_caches():
+    """Partials of an int8 cache (no residual) and an int2 cache (with one) merge into
+    attention over the union of their tokens (the mixed-precision read)."""
+    b, h, gq, d, g = 2, 2, 2, 32, 16
+    a = _cache(1, b, h, d, 8, g, 1, 16)
+    c = _cache(2, b, h, d, 2, g, 1, 16)
+    q = _q(3, b, h * gq, d)
+    pa = qda.quantized_decode_partials(q, *[a[k] for k in ARGS[:7]])
+    pc = qda.quantized_decode_partials(q, *[c[k] for k in ARGS])
+    out = qda.combine([pa, pc])
+    ka, va, ma = _dense(a, False)
+    kc, vc, mc = _dense(c, True)
+    keys, vals = jnp.concatenate([ka, kc], 2), jnp.concatenate([va, vc], 2)
+    valid = jnp.concatenate([ma, mc], 2)
+    s = jnp.einsum("bhgd,bhsd->bhgs", q.reshape(b, h, gq, d), keys, precision="highest")
+    s = jnp.where(valid[:, :, None], s * d**-0.5, -jnp.inf)
+    p = jnp.nan_to_num(jax.nn.softmax(s, axis=-1))
+    ref = jnp.einsum("bhgs,bhsd->bhgd", p, vals, precision="highest").reshape(b, h * gq, d)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+    # the module's reference agrees with this independent unpacking
+    np.testing.assert_allclose(
+        np.asarray(qda.reference(q, *[c[k] for k in ARGS])),
+        np.asarray(qda.combine([pc])), rtol=2e-5, atol=2e-5,
+    )
+
+
+def test_nothing_valid_gives_zeros():
+    arrs = _cache(0, 1, 2, 16, 4, 16, 1, 16)
+    arrs["num_quantized"] = jnp.zeros((1, 2), jnp.int32)
+    arrs["num_residual"] = jnp.zeros((1, 2), jnp.int32)
+    out = qda.quantized_decode_attention(_q(0, 1, 4, 16), *[arrs[k] for k in ARGS])
+    np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+def test_bad_inputs():
+    arrs = _cache(0, 1, 2, 16, 4, 16, 1, 16)
+    args = [arrs[k] for k in ARGS]
+    q = _q(0, 1, 4, 16)
+    with pytest.raises(TypeError, match="k_codes must be uint32"):
+        qda.quantized_decode_attention(q, args[0].astype(jnp.int32), *args[1:])
+    with pytest.raises(ValueError, match="q must be"):
+        qda.quantized_decode_attention(q[0], *args)
+    with pytest.raises(ValueError, match="groups per word"):
+        qda.quantized_decode_attention(q, args[0], args[1][:, :, :3], *args[2:])
+    with pytest.raises(ValueError, match="go together"):
+        qda.quantized_decode_attention(q, *args[:8])
+    with pytest.raises(ValueError, match="num_splits"):
+        qda.quantized_decode_attention(q, *args, num_splits=0)
+    with pytest.raises(ValueError, match="softmax_chunk"):
+        qda.quantized_decode_attention(q, *args, softmax_chunk=3)
+    with pytest.raises(ValueError, match="residual keys/values"):
+        qda.quantized_decode_attention(q, *args[:7], args[7][:, :, :8], args[8], args[9])
+
+
+def test_supported_and_bytes():
+    assert qda.supported(128, 32, 128)
+    assert not qda.supported(96, 32, 128) and not qda.supported(128, 8, 128)
+    # the byte counts the benchmark divides by: 5.3x (int2) and 3.2x (int4) below bf16
+    dense = 2 * 32768 * 128 * 2
+    assert dense / qda.hbm_bytes(1, 1, 32768, 128, 2) == pytest.approx(512 / 96)
+    assert dense / qda.hbm_bytes(1, 1, 32768, 128, 4) == pytest.approx(512 / 160)
