@@ -47,7 +47,8 @@ def _grouped(q: Array, num_kv_heads: int) -> Array:
     return q.reshape(b, num_kv_heads, hq // num_kv_heads, t, d)
 
 
-def _masked_softmax(scores: Array, mask: Array) -> Array:
+def masked_softmax(scores: Array, mask: Array) -> Array:
+    """float32 softmax over the last axis of `scores` where `mask`; rows with no key give 0."""
     scores = jnp.where(mask, scores, -jnp.inf)
     peak = jnp.max(scores, axis=-1, keepdims=True)
     peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
@@ -74,7 +75,7 @@ def attention_probs(
     if log_count is not None:  # a merged slot standing for N tokens gets + log N
         scores = scores + log_count[:, :, None, None, :].astype(jnp.float32)
     mask = attention_mask(q_positions, layer, sliding_window)[:, :, None]
-    return _masked_softmax(scores, mask).reshape(b, hq, t, layer.capacity)
+    return masked_softmax(scores, mask).reshape(b, hq, t, layer.capacity)
 
 
 QUERY_BLOCK = 512

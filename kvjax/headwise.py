@@ -292,15 +292,6 @@ def from_indices(
 # --- attention -------------------------------------------------------------------------------
 
 
-def _masked_softmax(scores: Array, mask: Array) -> Array:
-    scores = jnp.where(mask, scores, -jnp.inf)
-    peak = jnp.max(scores, axis=-1, keepdims=True)
-    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
-    p = jnp.exp(scores - peak)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    return p / jnp.where(denom == 0, 1.0, denom)
-
-
 def attention_mask(
     q_positions: Array, layer: HeadwiseLayerCache, sliding_window: int | None = None
 ) -> Array:
@@ -335,7 +326,7 @@ def attention_probs(
         "bhgtd,bpd->bhgtp", qg, layer.keys, preferred_element_type=jnp.float32
     ) * scale
     mask = attention_mask(q_positions, layer, sliding_window)[:, :, None]
-    return _masked_softmax(scores, mask).reshape(b, hq, t, layer.pool_size)
+    return attention.masked_softmax(scores, mask).reshape(b, hq, t, layer.pool_size)
 
 
 def _reference_block(q, q_positions, layer, scale, sliding_window):

@@ -151,7 +151,8 @@ def test_snapkv_matches_numpy_reference():
     s = np.pad(s, ((0, 0), (0, 0), (k // 2, k // 2)))
     s = sum(s[..., j: j + T - w] for j in range(k)) / k  # avg_pool1d, zero padding
     s = s.reshape(B, HKV, G, T - w).mean(2)
-    s = np.concatenate([s, np.broadcast_to(s.max((1, 2), keepdims=True) + 1, (B, HKV, w))], -1)
+    # the window gets (max of the head's other scores) + 1 (per head: no cross-head reduction)
+    s = np.concatenate([s, np.broadcast_to(s.max(2, keepdims=True) + 1, (B, HKV, w))], -1)
     np.testing.assert_allclose(got, s, rtol=1e-5, atol=1e-7)
 
 
