@@ -10,6 +10,9 @@ same workdir to resume, tqdm progress, WORKDIR/metrics.jsonl). Parameters stay f
 forward runs in `config.compute_dtype` (bfloat16 on GPU: cuDNN flash attention through
 `jax.nn.dot_product_attention`).
 
+`config.init_from` starts from an exported checkpoint instead of random weights (fine-tuning;
+the optimizer starts fresh); `config.time_limit_s` ends training between checkpoints.
+
 Writes WORKDIR/export (config.json + model.safetensors + tokenizer.json: load with
 `kvjax.models.load` or transformers), WORKDIR/loss.png, and, when `config.eval.tasks` is set,
 the full-cache accuracy on them in WORKDIR/eval.json (printed as a table).
@@ -34,6 +37,7 @@ from kvjax.eval import mixture, report, runner
 from kvjax.eval.tokenizer import ByteTokenizer
 from kvjax.learned.backbone import LayerInputs, forward
 from kvjax.models import Llama, LlamaConfig
+from kvjax.models import load as load_model
 from kvjax.models import save as save_model
 
 KIND = "kvjax_lm"
@@ -130,7 +134,16 @@ def run(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
     """Trains (or resumes), exports, plots the loss and evaluates; returns paths and metrics."""
     mixture.check_data(config["data"])
     mcfg = model_config(config)
-    model = Llama(mcfg, rngs=nnx.Rngs(int(config["seed"])), dtype=jnp.float32)
+    if config["init_from"]:  # continue from an exported checkpoint (fresh optimizer state)
+        model = load_model(str(config["init_from"]), dtype=jnp.float32)
+        if model.config != mcfg:
+            diff = {k: (getattr(model.config, k), getattr(mcfg, k))
+                    for k in mcfg.__dataclass_fields__
+                    if getattr(model.config, k) != getattr(mcfg, k)}
+            raise ValueError(f"config.init_from {config['init_from']} has another model "
+                             f"config than config.model: {diff} (checkpoint vs config)")
+    else:
+        model = Llama(mcfg, rngs=nnx.Rngs(int(config["seed"])), dtype=jnp.float32)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"model: {n_params / 1e6:.2f}M parameters, {mcfg.num_hidden_layers} layers, "
           f"hidden {mcfg.hidden_size}; backend {jax.default_backend()}", flush=True)
@@ -142,24 +155,30 @@ def run(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
     meta = {"backbone": {}, "component": {"kind": KIND, "config": dict(config["model"])}}
     start = time.perf_counter()
     try:
-        # Chunks of checkpoint_every steps (each resumes from the last checkpoint, compiled
-        # steps are reused) so a time limit can end the run between chunks.
-        reached, last_chunk = 0, 0.0
+        # With a time limit: a first chunk of checkpoint_every steps measures the speed (its
+        # time includes compilation, so the estimate is safe), then one more call runs the
+        # steps that fit (a resumed call recompiles, so chunks are kept to two).
+        reached, first, sec_per_step = 0, True, 0.0
         while True:
             chunk_start = time.perf_counter()
-            target = min(stop_at, (reached // every + 1) * every) if limit else stop_at
+            if not limit:
+                target = stop_at
+            elif first:
+                target = min(stop_at, every)
+            else:
+                fit = int((limit - (time.perf_counter() - start)) / sec_per_step)
+                if fit < 1:
+                    print(f"time limit {limit:.0f} s: stopping at step {reached} of {steps}")
+                    break
+                target = min(stop_at, reached + fit)
             result = kvtrain.train(
                 model, None, lm_loss(str(config["compute_dtype"])), batch_fn, steps=steps,
                 optimizer=tx, workdir=workdir, checkpoint_every=every,
                 log_every=int(config["log_every"]), seed=int(config["seed"]),
                 stop_at=target, meta=meta)
-            reached = result.step
-            last_chunk = time.perf_counter() - chunk_start
-            elapsed = time.perf_counter() - start
-            if reached >= stop_at:
-                break
-            if elapsed + last_chunk > limit:
-                print(f"time limit {limit:.0f} s: stopping at step {reached} of {steps}")
+            sec_per_step = (time.perf_counter() - chunk_start) / max(result.step - reached, 1)
+            reached, first = result.step, False
+            if reached >= stop_at or not limit:
                 break
     finally:
         if pool is not None:

@@ -35,7 +35,8 @@ Array = jax.Array
 
 
 def _check_tokens(model: Llama, tokens: Any) -> None:
-    shape, dtype = np.shape(tokens), getattr(tokens, "dtype", np.asarray(tokens).dtype)
+    shape = np.shape(tokens)
+    dtype = tokens.dtype if hasattr(tokens, "dtype") else np.asarray(tokens).dtype
     if len(shape) != 2:
         raise ValueError(f"tokens must have rank 2 [batch, time], got shape {shape}")
     if not jnp.issubdtype(dtype, jnp.integer):

@@ -151,3 +151,28 @@ def test_sweep_rejects_length_shorter_than_needle():
         runner.sweep(model(), TOK, methods=["full"], ratios=[0.5], tasks=["niah_single_3"],
                      lengths=[120], num_samples=1, batch_size=1, table=TABLE, progress=False,
                      log=None)
+
+
+def test_evaluate_script_checks_its_config(tmp_path):
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "evaluate_script", os.path.join(root, "experiments", "evaluate.py"))
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    spec = importlib.util.spec_from_file_location(
+        "eval_ruler", os.path.join(root, "configs", "eval_ruler.py"))
+    cfg_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cfg_module)
+    config = cfg_module.get_config("tiny")
+    with pytest.raises(ValueError, match="unknown method 'snapkv_v2'; known methods: "):
+        evaluate.run({**config, "methods": ("full", "snapkv_v2")}, str(tmp_path))
+    with pytest.raises(ValueError, match="unknown task 'qa_1'; known tasks: niah_single_1"):
+        evaluate.run({**config, "tasks": ("qa_1",)}, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate.run({**config, "model": str(tmp_path / "nowhere")}, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="tokenizer file .* not found"):
+        evaluate.run({**config, "model": str(tmp_path)}, str(tmp_path))
+    with pytest.raises(ValueError, match="unknown config variant 'huge'; known: 'tiny'"):
+        cfg_module.get_config("huge")

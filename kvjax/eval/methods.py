@@ -26,7 +26,7 @@ from typing import Any
 from kvjax.compress.base import Compressor, chain
 
 Factory = Callable[..., Compressor]
-PACKAGES = ("kvjax.compress", "kvjax.quant", "kvjax.sparse", "kvjax.lowrank")
+PACKAGES = ("kvjax.compress", "kvjax.quant", "kvjax.sparse", "kvjax.lowrank", "kvjax.learned")
 ALIASES = {"full": "identity"}
 
 

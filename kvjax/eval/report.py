@@ -74,26 +74,29 @@ def plot_accuracy(results: Mapping[str, Any], path: str, title: str | None = Non
 
     rows = summary(results)
     lengths = sorted({r["length"] for r in rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths) + 2.5, 4.5),
+                             squeeze=False)
+    styles = [(m, ls) for ls in ("-", "--", ":") for m in "osD^v<>"]
     for ax, length in zip(axes[0], lengths):
         lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for r in rows:
             if r["length"] == length:
                 lines[r["method"]].append((r["kept_fraction"], 100 * r["average"]))
-        for method, pts in sorted(lines.items()):
+        for i, (method, pts) in enumerate(sorted(lines.items())):
             pts.sort()
             xs, ys = zip(*pts)
             if method in ("full", "identity"):
                 ax.axhline(ys[0], color="black", linestyle="--", label=f"{method} cache")
             else:
-                ax.plot(xs, ys, marker="o", label=method)
+                marker, style = styles[i % len(styles)]
+                ax.plot(xs, ys, marker=marker, linestyle=style, label=method)
         ax.set_xlabel("kept fraction of cache bytes")
         ax.set_ylabel("accuracy (%)")
         ax.set_xlim(0, 1.05)
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
         ax.set_title(title or f"{length} tokens")
-        ax.legend(fontsize=7)
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
