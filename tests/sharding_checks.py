@@ -314,6 +314,29 @@ def check_train_loop(results: dict, model: Llama) -> None:
     record(results, "train_loop/8x1", run)
 
 
+def check_eval_runner(results: dict, model: Llama) -> None:
+    """kvjax.eval.runner.sweep with a (2, 4) mesh == without (predictions and scores)."""
+    from kvjax.eval import runner
+    from kvjax.eval.tokenizer import ByteTokenizer
+
+    def run():
+        tok = ByteTokenizer()
+        lm = Llama(LlamaConfig.tiny(vocab_size=tok.vocab_size, num_key_value_heads=4,
+                                    num_attention_heads=8, head_dim=8), rngs=nnx.Rngs(1))
+        kw = dict(methods=["full", "snapkv"], ratios=[0.5], tasks=["niah_single_1"],
+                  lengths=[192], num_samples=4, batch_size=4, progress=False, log=None)
+        one = runner.sweep(lm, tok, **kw)["cells"]
+        sharded = runner.sweep(lm, tok, mesh=sharding.make_mesh(2, 4), **kw)["cells"]
+        errors = []
+        for key, cell in one.items():
+            other = sharded[key]
+            if cell["score"] != other["score"] or cell["examples"] != other["examples"]:
+                errors.append(f"{key}: sharded sweep differs")
+        return errors
+
+    record(results, "eval_runner/2x4", run)
+
+
 def check_params(results: dict, model: Llama) -> None:
     def run():
         mesh = sharding.make_mesh(2, 4)
@@ -351,7 +374,7 @@ def main(path: str) -> None:
     model = Llama(CONFIG, rngs=nnx.Rngs(0))
     results: dict = {}
     for check in (check_equal, check_collectives, check_errors, check_data_parallel,
-                  check_train_loop, check_params):
+                  check_train_loop, check_eval_runner, check_params):
         check(results, model)
     with open(path, "w") as f:
         json.dump(results, f, indent=1)

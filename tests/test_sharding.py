@@ -32,7 +32,8 @@ if hasattr(kvjax.compress, "snapkv"):
     HLO += [f"hlo/{m}/snapkv" for m in MESHES]
 ERRORS = [f"error/{n}" for n in
           ("mesh_size", "mesh_model", "heads", "batch", "shard_cache", "shard_batch")]
-CHECKS = EQUAL + HLO + ERRORS + ["dp_train/8x1", "train_loop/8x1", "pad_batch", "params"]
+CHECKS = EQUAL + HLO + ERRORS + ["dp_train/8x1", "train_loop/8x1", "eval_runner/2x4", "pad_batch",
+                                     "params"]
 
 
 def _run(args, xla_flags=""):

@@ -61,10 +61,11 @@ def decode_answer(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
 
 
 def predict(model: Any, tokenizer: Tokenizer, samples: Sequence[T.Sample], length: int,
-            compressor: Compressor | None, max_new_tokens: int, batch_size: int
-            ) -> list[str]:
+            compressor: Compressor | None, max_new_tokens: int, batch_size: int,
+            mesh: Any = None) -> list[str]:
     """Greedy continuations of `samples` (batches of `batch_size`, the last one padded by
-    repeating its final sample so shapes, hence compilations, stay fixed)."""
+    repeating its final sample so shapes, hence compilations, stay fixed). With a `mesh`
+    (`kvjax.sharding.make_mesh`), batches split over "data" and heads over "model"."""
     preds: list[str] = []
     eos = -1 if tokenizer.eos_id is None else tokenizer.eos_id
     for start in range(0, len(samples), batch_size):
@@ -73,7 +74,7 @@ def predict(model: Any, tokenizer: Tokenizer, samples: Sequence[T.Sample], lengt
         chunk += [chunk[-1]] * (batch_size - real)
         tokens, lengths = encode_prompts(chunk, tokenizer, length)
         out = kvjax.generate(model, tokens, max_new_tokens, compressor, lengths=lengths,
-                             eos_id=eos, pad_id=eos if eos >= 0 else 0)
+                             eos_id=eos, pad_id=eos if eos >= 0 else 0, mesh=mesh)
         new = np.asarray(jax.device_get(out))[:, length:]
         preds += [decode_answer(tokenizer, row) for row in new[:real]]
     return preds
@@ -141,12 +142,14 @@ def sweep(model: Any, tokenizer: Tokenizer, *, methods: Sequence[str], ratios: S
           tasks: Sequence[str], lengths: Sequence[int], num_samples: int, batch_size: int,
           seed: int = 0, results_path: str | None = None,
           table: Mapping[str, M.Factory] | None = None, progress: bool = True,
-          log: Callable[[str], None] | None = print, time_limit_s: float = 0.0
-          ) -> dict[str, Any]:
+          log: Callable[[str], None] | None = print, time_limit_s: float = 0.0,
+          mesh: Any = None) -> dict[str, Any]:
     """Runs every missing cell and returns {"cells": {key: cell}} (see module doc).
 
     Cells run length by length, method by method (all ratios and tasks of a method before the
     next). time_limit_s > 0: start no new cell after that many seconds (rerun to continue).
+    mesh: optional device mesh; params are sharded once and every batch runs sharded (the
+    mesh's "data" size must divide batch_size).
 
     A cell: {"method", "ratio", "task", "length", "score" (mean in [0, 1]), "n",
     "kept_fraction", "seconds", "examples" (the first two predictions with their answers)}.
@@ -163,6 +166,9 @@ def sweep(model: Any, tokenizer: Tokenizer, *, methods: Sequence[str], ratios: S
     num_samples = _check_positive("num_samples", num_samples)
     batch_size = _check_positive("batch_size", batch_size)
     lengths = [_check_positive("lengths", n) for n in lengths]
+    if mesh is not None:
+        kvjax.sharding.check_mesh(mesh, model.config, batch_size)
+        model = kvjax.sharding.shard_params(model, mesh)
     results = _load(results_path)
     plan = []
     for length in lengths:
@@ -200,7 +206,8 @@ def sweep(model: Any, tokenizer: Tokenizer, *, methods: Sequence[str], ratios: S
         if (method, ratio, length) not in kept:
             kept[(method, ratio, length)] = kept_fraction(
                 model, tokenizer, samples[:batch_size], length, comp)
-        preds = predict(model, tokenizer, samples, length, comp, budgets[length], batch_size)
+        preds = predict(model, tokenizer, samples, length, comp, budgets[length], batch_size,
+                        mesh)
         scores = [T.score(s, p) for s, p in zip(samples, preds)]
         cell = {"method": method, "ratio": ratio, "task": task, "length": length,
                 "score": float(np.mean(scores)), "n": len(scores),
