@@ -2,43 +2,34 @@
 
     python experiments/train_lm.py --config=configs/lm_small.py --workdir=runs/lm_small
 
-Planned for about two minutes of training on one H100 (bf16 compute, cuDNN flash attention;
-measured: 64k tokens per step at ~24 steps/s) on the whole RULER-style suite at 512-4096 tokens
-plus filler text and copy drills; `time_limit_s` ends training between checkpoints if the GPU
-is slower than planned. Not yet trained to completion (see docs/results.md). Evaluate with
-`experiments/evaluate.py --config=configs/eval_ruler.py --config.model=runs/lm_small/export`.
+Trains in 3.4 minutes on one H100 (bf16 compute, cuDNN flash attention; measured: 5000 steps of
+64k tokens at 1.84M tokens/s) on the whole RULER-style suite at 512-4096 tokens plus filler text
+and copy drills; full-cache accuracy at 4096 tokens: 92.2% average over the 9 tasks (see
+docs/results.md). `time_limit_s` ends training between checkpoints if the GPU is slower.
+Evaluate with `experiments/evaluate.py --config=configs/eval_ruler.py
+--config.model=runs/lm_small/export`.
 `:cpu_check` runs the same code path in a minute on a CPU (pipeline check only).
 """
 
 import ml_collections
+
+from kvjax import train
 
 SUITE = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey", "niah_multivalue",
          "niah_multiquery", "vt", "cwe", "fwe")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = ml_collections.ConfigDict(dict(
+    c = train.lm_config(dict(
         hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=4, head_dim=32, rope_theta=100000.0, max_position_embeddings=4096,
         tie_word_embeddings=True))
     c.compute_dtype = "bfloat16"
-    c.steps = 2500
+    c.steps = 5000
     c.lr = 2e-3
-    c.schedule = "cosine"
-    c.warmup_steps = 100
-    c.weight_decay = 0.01
-    c.b1 = 0.9
-    c.b2 = 0.98
-    c.clip_norm = 1.0
-    c.checkpoint_every = 500
-    c.log_every = 50
-    c.stop_at = 0
-    c.time_limit_s = 0.0
+    c.checkpoint_every = 1000
+    c.log_every = 250
     c.data_workers = 12
-    c.export_dir = ""
-    c.init_from = ""  # an exported checkpoint to continue from (fine-tuning)
     c.data = ml_collections.ConfigDict(dict(
         seed=1, lengths=(512, 1024, 2048, 4096), length_weights=(0.3, 0.2, 0.2, 0.3),
         tokens_per_batch=65536, tasks={t: 1.0 for t in SUITE}, filler=2.0,

@@ -13,31 +13,14 @@ estimated 20-60 minutes before retrieval emerges (not run to completion; ~13M to
 
 import ml_collections
 
+from kvjax import train
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = ml_collections.ConfigDict(dict(
+    c = train.lm_config(dict(  # keys and common defaults: kvjax.train.lm_config
         hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=1024,
         tie_word_embeddings=True))
-    c.compute_dtype = "float32"
-    # optimizer (kvjax.train.optimizer_from_config)
-    c.steps = 2000
-    c.lr = 3e-3
-    c.schedule = "cosine"
-    c.warmup_steps = 100
-    c.weight_decay = 0.01
-    c.b1 = 0.9
-    c.b2 = 0.98
-    c.clip_norm = 1.0
-    c.checkpoint_every = 200
-    c.log_every = 10
-    c.stop_at = 0  # >0: stop (with a checkpoint) after this step, as a preempted job would
-    c.time_limit_s = 0.0  # >0: end training between checkpoints before this many seconds
-    c.data_workers = 0  # processes computing batches ahead (0: in the training process)
-    c.export_dir = ""  # default WORKDIR/export
-    c.init_from = ""  # an exported checkpoint to continue from (fine-tuning)
     c.data = ml_collections.ConfigDict(dict(
         seed=1, lengths=(256, 512), length_weights=(1.0, 1.0), tokens_per_batch=4096,
         tasks={"niah_single_1": 1.0, "niah_single_2": 1.0, "niah_single_3": 1.0},

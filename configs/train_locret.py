@@ -18,11 +18,7 @@ LM_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_small.p
 
 
 def get_config(arg: str | None = None):
-    c = train.default_config()
-    c.backbone = "runs/lm_small/export"  # experiments/train_lm.py --config=configs/lm_small.py
-    if os.path.exists(LM_CONFIG):  # train on the backbone's own RULER-style data mixture
-        c.data.source = "mixture"
-        c.data.mixture = train.lm_mixture_data(LM_CONFIG)
+    c = train.lm_backbone_config(LM_CONFIG)  # runs/lm_small/export on its own data mixture
     c.lr = 5e-4
     c.b2 = 0.95
     c.schedule = "linear"
@@ -30,7 +26,6 @@ def get_config(arg: str | None = None):
     c.locret = locret.defaults()
     if arg == "tiny":
         train.tiny_overrides(c)
-        c.data.source = "recall"
         c.locret.head_hidden = 16
         c.locret.query_window = 8
     elif arg:

@@ -87,17 +87,6 @@ def run(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
     from kvjax import train as kvtrain
 
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "evaluation config file")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "results.json, results.md, accuracy.png")
-    flags.mark_flag_as_required("workdir")
-
-    def main(argv):
-        del argv
-        run(_CONFIG.value, _WORKDIR.value)
-
-    app.run(main, flags_parser=kvtrain.flags_parser)
+    kvtrain.run_cli(run, "evaluation config file", "results.json, results.md, accuracy.png")

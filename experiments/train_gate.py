@@ -34,13 +34,9 @@ def run(config, workdir: str) -> dict:
     loss_fn = retention_gate.loss(int(g["memory"]), str(g["mode"]),
                                   float(g["capacity_weight"]), float(g["ce_weight"]),
                                   bool(g["remat"]))
-    result = kvtrain.train(
-        retention_gate.build(comp_cfg), model, loss_fn, batch_fn, steps=config["steps"],
-        optimizer=tx, workdir=workdir, checkpoint_every=config["checkpoint_every"],
-        log_every=config["log_every"], seed=config["seed"],
-        meta={"backbone": kvtrain.backbone_signature(model),
-              "component": {"kind": retention_gate.KIND, "config": comp_cfg}},
-    )
+    result = kvtrain.train_from_config(
+        retention_gate.build(comp_cfg), model, loss_fn, batch_fn, tx, config, workdir,
+        kind=retention_gate.KIND, component_config=comp_cfg)
     path = os.path.join(workdir, "component")
     retention_gate.save(path, result.component, comp_cfg, model)
     print(f"saved retention gates to {path}")
@@ -48,16 +44,4 @@ def run(config, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-    from absl import app, flags, logging
-    from ml_collections import config_flags
-
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs, the trained component")
-    flags.mark_flag_as_required("workdir")
-
-    def main(argv):
-        del argv
-        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-        run(_CONFIG.value, _WORKDIR.value)
-
-    app.run(main, flags_parser=kvtrain.flags_parser)
+    kvtrain.run_cli(run, "training config file", "checkpoints, logs, the trained component")

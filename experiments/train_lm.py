@@ -25,7 +25,7 @@ import json
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -103,31 +103,76 @@ def model_config(config: Mapping[str, Any]) -> LlamaConfig:
                        eos_token_id=ByteTokenizer.eos_id, **m)
 
 
+def _plain(data: Mapping[str, Any]) -> dict:
+    """A ConfigDict (or mapping) as plain JSON-able Python (picklable for spawn workers)."""
+    return json.loads(json.dumps(dict(data.to_dict() if hasattr(data, "to_dict") else data)))
+
+
+def _worker(data: dict, first: int, stride: int, out: Any) -> None:
+    """Worker process: puts `mixture.lm_batch(data, step)` for steps first, first + stride, ..."""
+    step = first
+    while True:
+        out.put(mixture.lm_batch(data, step))
+        step += stride
+
+
+class _Batches:
+    """`batches(step)` backed by worker processes that compute upcoming steps ahead.
+
+    Worker k makes steps k, k + W, k + 2W, ... into its own bounded queue, so a step's batch is
+    always `queues[step % W].get()` (deterministic order). Stopping kills the workers outright
+    (`multiprocessing.Pool.terminate` can hang while workers are pushing large batches).
+    """
+
+    def __init__(self, data: Mapping[str, Any], workers: int, ahead: int = 2):
+        self.data = _plain(data)
+        self.workers, self.ahead = workers, ahead
+        self.ctx = multiprocessing.get_context("spawn")
+        self.procs: list[Any] = []
+        self.queues: list[Any] = []
+        self.next: int | None = None
+
+    def _start(self, step: int) -> None:
+        self.close()
+        saved = os.environ.get("JAX_PLATFORMS")
+        os.environ["JAX_PLATFORMS"] = "cpu"  # workers make numpy batches: keep them off the GPU
+        try:
+            self.queues = [self.ctx.Queue(self.ahead) for _ in range(self.workers)]
+            self.procs = [self.ctx.Process(target=_worker, daemon=True,
+                                           args=(self.data, step + k, self.workers, q))
+                          for k, q in enumerate(self.queues)]
+            for p in self.procs:
+                p.start()
+        finally:
+            if saved is None:
+                del os.environ["JAX_PLATFORMS"]
+            else:
+                os.environ["JAX_PLATFORMS"] = saved
+        self.first = step
+
+    def __call__(self, step: int) -> dict[str, Any]:
+        if self.next != step:  # (re)start the stream at this step
+            self._start(step)
+        self.next = step + 1
+        return self.queues[(step - self.first) % self.workers].get()
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.join(timeout=5)
+        for q in self.queues:
+            q.cancel_join_thread()
+            q.close()
+        self.procs, self.queues, self.next = [], [], None
+
+
 def _batches(data: Mapping[str, Any], workers: int) -> tuple[Any, Any]:
-    """`batch_fn(step)` backed by a process pool that computes upcoming steps ahead."""
-    data = json.loads(json.dumps(dict(data.to_dict() if hasattr(data, "to_dict") else data)))
+    """(batch_fn(step), closer or None): in-process when `workers` <= 0, else `_Batches`."""
     if workers <= 0:
-        return functools.partial(mixture.lm_batch, data), None
-    saved = os.environ.get("JAX_PLATFORMS")
-    os.environ["JAX_PLATFORMS"] = "cpu"  # workers make numpy batches: keep them off the GPU
-    try:
-        pool = multiprocessing.get_context("spawn").Pool(workers)
-    finally:
-        if saved is None:
-            del os.environ["JAX_PLATFORMS"]
-        else:
-            os.environ["JAX_PLATFORMS"] = saved
-    state: dict[str, Any] = {"next": None, "it": None}
-
-    def batch_fn(step: int):
-        if state["next"] != step:  # (re)start the stream at this step
-            it: Iterator = pool.imap(functools.partial(mixture.lm_batch, data),
-                                     range(step, 1 << 30), chunksize=1)
-            state["it"] = it
-        state["next"] = step + 1
-        return next(state["it"])
-
-    return batch_fn, pool
+        return functools.partial(mixture.lm_batch, _plain(data)), None
+    b = _Batches(data, workers)
+    return b, b
 
 
 def run(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
@@ -182,7 +227,7 @@ def run(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
                 break
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.close()
     train_s = time.perf_counter() - start
     out: dict[str, Any] = {"step": result.step, "train_seconds": train_s,
                            "parameters": int(n_params)}
@@ -210,16 +255,4 @@ def run(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from absl import app, flags, logging
-    from ml_collections import config_flags
-
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "model/training config file")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs, export")
-    flags.mark_flag_as_required("workdir")
-
-    def main(argv):
-        del argv
-        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-        run(_CONFIG.value, _WORKDIR.value)
-
-    app.run(main, flags_parser=kvtrain.flags_parser)
+    kvtrain.run_cli(run, "model/training config file", "checkpoints, logs, export")

@@ -39,14 +39,9 @@ def run(config, workdir: str) -> dict:
     proj = matryoshka.pca_init(model, (calib(far + i)["tokens"][0] for i in range(n_pca)))
     matryoshka.save(os.path.join(workdir, "pca"), proj, model)
     loss_fn = matryoshka.loss(fractions, float(mc["ce_weight"]), bool(mc["remat"]))
-    result = kvtrain.train(
-        proj, model, loss_fn, batch_fn, steps=config["steps"], optimizer=tx, workdir=workdir,
-        checkpoint_every=config["checkpoint_every"], log_every=config["log_every"],
-        seed=config["seed"],
-        meta={"backbone": kvtrain.backbone_signature(model),
-              "component": {"kind": matryoshka.KIND,
-                            "config": matryoshka.component_config(model)}},
-    )
+    result = kvtrain.train_from_config(
+        proj, model, loss_fn, batch_fn, tx, config, workdir, kind=matryoshka.KIND,
+        component_config=matryoshka.component_config(model))
     path = os.path.join(workdir, "component")
     matryoshka.save(path, result.component, model)
     print(f"saved MatryoshkaKV projections to {path} (PCA baseline: {workdir}/pca)")
@@ -55,16 +50,4 @@ def run(config, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-    from absl import app, flags, logging
-    from ml_collections import config_flags
-
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs, the trained component")
-    flags.mark_flag_as_required("workdir")
-
-    def main(argv):
-        del argv
-        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-        run(_CONFIG.value, _WORKDIR.value)
-
-    app.run(main, flags_parser=kvtrain.flags_parser)
+    kvtrain.run_cli(run, "training config file", "checkpoints, logs, the trained component")

@@ -276,7 +276,17 @@ def restore(path: str | os.PathLike) -> KVCache:
         raise FileNotFoundError(f"{path} is not a kvjax cache directory (no kvjax_cache.json)")
     with open(meta_file) as f:
         meta = json.load(f)
-    tree = ocp.StandardCheckpointer().restore(os.path.join(path, "arrays"))
+    ckptr = ocp.StandardCheckpointer()
+    arrays = os.path.join(path, "arrays")
+    # restore onto this process's first device: a cache saved on another topology (a GPU, a
+    # mesh) must load here too, not fail on the saved sharding
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    meta_tree = ckptr.metadata(arrays)
+    for attr in ("item_metadata", "tree"):  # (the metadata object differs across orbax versions)
+        meta_tree = getattr(meta_tree, attr, meta_tree)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=local),
+                          meta_tree)
+    tree = ckptr.restore(arrays, target)
     layers = []
     for i, type_name in enumerate(meta["layer_types"]):
         if type_name not in _CACHE_TYPES:

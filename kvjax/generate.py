@@ -186,7 +186,10 @@ def _run_prefill(
     last_logits = jnp.where(inside[:, None], logits, last_logits)
     if return_all_logits:
         chunk_logits.append(all_logits)
-    cache = kvsharding.constrain_cache(cache.replace(next_position=lengths.astype(jnp.int32)), mesh)
+    cache = cache.replace(next_position=lengths.astype(jnp.int32))
+    if compressor.finalize is not None:  # whole-cache step (e.g. MiniCache's layer merging)
+        cache = compressor.finalize(cache)
+    cache = kvsharding.constrain_cache(cache, mesh)
     full = jnp.concatenate(chunk_logits, axis=1)[:, :t] if return_all_logits else None
     return cache, tuple(states), last_logits, full
 

@@ -14,7 +14,8 @@ shardings that XLA partitions; nothing here launches or communicates by hand):
     everything else (embedding, norms, o/down biases)  replicated
   caches (any kind: each array leaf whose leading dims are the kind's `lengths.shape`)
     [B, Hkv, ...]  P("data", "model")    batch over `data`, KV heads over `model`
-    [B, ...]       P("data")             e.g. KVCache.next_position
+    [B, ...]       P("data")             e.g. KVCache.next_position, KIVI's quant_positions
+                                         shared by the heads [B, 1, N] (replicated over model)
     other          replicated
   inputs
     tokens [B, T] P("data", None); lengths [B] P("data")

@@ -120,6 +120,27 @@ def flags_parser(argv: Sequence[str]) -> list[str]:
     return flags.FLAGS(argv)
 
 
+def run_cli(run: Callable[[Any, str], Any], config_help: str, workdir_help: str) -> None:
+    """The training scripts' command line: `--config=FILE[:ARG] --workdir=DIR [--config.K=V]`.
+
+    Defines the two absl flags (workdir required), checks overrides with `flags_parser`, quiets
+    orbax's INFO logging and calls `run(config, workdir)`.
+    """
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, config_help)
+    workdir = flags.DEFINE_string("workdir", None, workdir_help)
+    flags.mark_flag_as_required("workdir")
+
+    def main(argv):
+        del argv
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+        run(config.value, workdir.value)
+
+    app.run(main, flags_parser=flags_parser)
+
+
 def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     """`value` as an int in [low, high], else ValueError naming `name` and the range."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -352,6 +373,28 @@ def optimizer_from_config(config: Mapping[str, Any]) -> optax.GradientTransforma
 # --- experiment setup ---------------------------------------------------------------------
 
 
+def lm_config(model: Mapping[str, Any]):
+    """The keys `configs/lm_*.py` share (experiments/train_lm.py), with the common defaults.
+
+    model: `LlamaConfig` fields. seed; compute_dtype; steps .. clip_norm: the optimizer (see
+    `optimizer_from_config`); checkpoint_every / log_every: in steps; stop_at: >0 stops (with a
+    checkpoint) after this step, as a preempted job would; time_limit_s: >0 ends training
+    between checkpoints before this many seconds; data_workers: processes computing batches
+    ahead (0: in the training process); export_dir: default WORKDIR/export; init_from: an
+    exported checkpoint to continue from (fine-tuning). The defaults are configs/lm_tiny.py's
+    recipe; the `data` and `eval` sections are each config file's own.
+    """
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(
+        seed=0, model=dict(model), compute_dtype="float32",
+        steps=2000, lr=3e-3, schedule="cosine", warmup_steps=100, weight_decay=0.01, b1=0.9,
+        b2=0.98, clip_norm=1.0,
+        checkpoint_every=200, log_every=10, stop_at=0, time_limit_s=0.0, data_workers=0,
+        export_dir="", init_from="",
+    ))
+
+
 def default_config():
     """The keys every `configs/train_*.py` shares (an ml_collections ConfigDict).
 
@@ -395,9 +438,23 @@ def lm_mixture_data(lm_config_file: str, tokens_per_batch: int = 16384):
     return data
 
 
+def lm_backbone_config(lm_config_file: str, backbone: str = "runs/lm_small/export"):
+    """`default_config()` for a component trained on `backbone` (the export of
+    `experiments/train_lm.py --config=<lm_config_file>`) with that model's own data mixture
+    (`lm_mixture_data`); synthetic recall sequences when the LM config file is missing."""
+    c = default_config()
+    c.backbone = backbone
+    if os.path.exists(lm_config_file):  # train on the backbone's own RULER-style data mixture
+        c.data.source = "mixture"
+        c.data.mixture = lm_mixture_data(lm_config_file)
+    return c
+
+
 def tiny_overrides(c) -> None:
-    """Turns a config into its `:tiny` CPU variant (a few steps on a tiny backbone)."""
+    """Turns a config into its `:tiny` CPU variant (a few steps on a tiny backbone, on
+    synthetic recall sequences)."""
     c.backbone = tiny_backbone_spec()
+    c.data.source = "recall"
     c.steps = 4
     c.warmup_steps = 0
     c.schedule = "constant"
@@ -490,6 +547,15 @@ def _train_step(graphdef, params, rest, opt_state, rng, backbone, batch, loss_fn
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, next_rng, metrics
+
+
+def _commit(tree: Any) -> Any:
+    """`tree` with every array committed to the device it is on.
+
+    Freshly initialised arrays are uncommitted, orbax-restored ones committed; jit keys its
+    cache on that flag, so without this a resumed run compiled the training step again.
+    """
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding), tree)
 
 
 class TrainResult(NamedTuple):
@@ -591,8 +657,7 @@ def train(
             template = {"params": flatten(params), "rest": flatten(rest),
                         "opt_state": flatten(opt_state), "rng": jax.random.key_data(rng),
                         "step": jnp.int32(0)}
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
-                                    template)
+            abstract = jax.tree.map(lambda x: local_abstract(np.shape(x), x.dtype), template)
             found = mgr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             where = f"checkpoint {workdir}/checkpoints/{latest}"
             check_signature(found.meta.get("backbone", {}), meta.get("backbone", {}), where)
@@ -611,7 +676,9 @@ def train(
             start = int(state["step"])
             _trim_logs(workdir, start)
 
-    if mesh is not None:
+    if mesh is None:
+        params, rest, opt_state, rng = _commit((params, rest, opt_state, rng))
+    else:
         from kvjax import sharding
 
         params, rest, opt_state = sharding.replicate((params, rest, opt_state), mesh)
@@ -671,6 +738,22 @@ def train(
     return TrainResult(nnx.merge(graphdef, params, rest), step, history)
 
 
+def train_from_config(component: nnx.Module, backbone: nnx.Module, loss_fn: LossFn,
+                      batch_fn: Callable[[int], Batch], optimizer: optax.GradientTransformation,
+                      config: Mapping[str, Any], workdir: str, *, kind: str,
+                      component_config: Mapping[str, Any]) -> TrainResult:
+    """`train` with steps, checkpoint_every, log_every and seed from a `default_config`-shaped
+    config; the checkpoint meta is the backbone's signature and {kind, component_config}, so a
+    resume with another backbone or component configuration is refused."""
+    return train(
+        component, backbone, loss_fn, batch_fn, steps=config["steps"], optimizer=optimizer,
+        workdir=workdir, checkpoint_every=config["checkpoint_every"],
+        log_every=config["log_every"], seed=config["seed"],
+        meta={"backbone": backbone_signature(backbone),
+              "component": {"kind": kind, "config": component_config}},
+    )
+
+
 # --- trained components ----------------------------------------------------------------------
 
 
@@ -701,6 +784,14 @@ def read_component_meta(path: str | os.PathLike) -> dict[str, Any]:
         return json.load(f)
 
 
+def local_abstract(shape: Any, dtype: Any) -> jax.ShapeDtypeStruct:
+    """A restore target on this process's first device, so checkpoints written on another
+    topology (e.g. trained on a GPU, loaded on a CPU) restore instead of raising."""
+    device = jax.local_devices()[0]
+    return jax.ShapeDtypeStruct(tuple(shape), dtype,
+                                sharding=jax.sharding.SingleDeviceSharding(device))
+
+
 def load_component(path: str | os.PathLike, build: Callable[[dict[str, Any]], nnx.Module], *,
                    kind: str, backbone: Mapping[str, Any] | None = None) -> nnx.Module:
     """Loads a component saved by `save_component`.
@@ -718,7 +809,7 @@ def load_component(path: str | os.PathLike, build: Callable[[dict[str, Any]], nn
         check_signature(meta["backbone"], backbone, f"component {path}")
     component = nnx.eval_shape(lambda: build(meta["config"]))
     state = nnx.state(component)
-    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flatten(state).items()}
+    abstract = {k: local_abstract(v.shape, v.dtype) for k, v in flatten(state).items()}
     flat = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), abstract)
     nnx.update(component, unflatten(state, flat, f"component {path}"))
     return component

@@ -19,8 +19,14 @@ positions, 0 <= kv_pos <= q_pos (and q_pos - kv_pos < sliding_window).
 
 The kernels gather rows: a loop step covers `block_k` consecutive entries of the concatenated
 active-block list (block_k may be smaller or larger than block_size), so small pages (Quest's
-16 tokens) still make wide tiles. Keys/values [B, Hkv, C, D/Dv] (a dense `LayerCache`);
-C % block_size == 0.
+16 tokens) still make wide tiles. In the decode kernel a step with block_k <= block_size lies
+inside one block: it reads one scalar block id and loads a contiguous [block_k, D] tile, as the
+dense kernel does. How a decode program reads its list is `list_mode`: "load" (the ids of each
+step loaded in that step), "prefetch" (step c+1's ids loaded while step c computes, so the K/V
+loads never wait on an id load) or "preload" (the program's <= MAX_PRELOAD ids loaded once
+before the loop and picked out of registers). Launch parameters default per shape
+(`decode_config`, from the `TUNED_BS` table that `experiments/bench_kernels.py --tune` prints).
+Keys/values [B, Hkv, C, D/Dv] (a dense `LayerCache`); C % block_size == 0.
 
 Patterns: `static_pattern` (attention sinks + local window + strided "vertical" blocks, causal)
 and `decode_pattern` (the same per head at decode, from the dynamic lengths) build lists;
@@ -45,19 +51,74 @@ from jax.experimental import pallas as pl
 from pallas_kernels.decode_attention import (
     _NEG,
     DTYPES,
+    MERGES,
+    check_choice,
+    check_num_splits,
+    check_warps_stages,
     compiler_params,
     dot,
+    fit_block_k,
     is_pow2,
+    launch_config,
     masked_load,
     masked_store,
-    merge_partials,
+    merge_splits,
     num_cores,
+    partial_shapes,
+    regime,
     resolve_interpret,
 )
 
 Array = jax.Array
 
+# First H100 sweep; block_sparse_decode now takes its defaults from TUNED_BS / decode_config.
 DEFAULT_DECODE = {"block_k": 64, "num_warps": 4, "num_stages": 3}
+LIST_MODES = ("load", "prefetch", "preload")
+MAX_PRELOAD = 128  # list entries per program held in registers by list_mode="preload"
+
+# Decode launch configs per regime, from `experiments/bench_kernels.py --tune` on an H100
+# (paste the "TUNED_BS" line it prints), per `decode_attention.regime` ("few" / "many").
+# Splits: ~programs_per_sm programs per SM, each >= min_steps loop steps (`sparse_splits`).
+# Pasted from the H100 run of 2026-11-23 (docs/benchmarks.md).
+TUNED_BS: dict[str, dict[str, Any]] = {
+    "few": {"block_k": 64, "num_warps": 4, "num_stages": 3, "list_mode": "load",
+            "programs_per_sm": 2.0, "min_steps": 16, "merge": "xla"},
+    "many": {"block_k": 128, "num_warps": 8, "num_stages": 3, "list_mode": "prefetch",
+             "programs_per_sm": 2.0, "min_steps": 16, "merge": "xla"},
+}
+
+
+def _regime(batch: int, kv_heads: int) -> dict[str, Any]:
+    return TUNED_BS[regime(batch, kv_heads)]
+
+
+def _split_params(batch: int, kv_heads: int) -> dict[str, float]:
+    t = _regime(batch, kv_heads)
+    return {"programs_per_sm": float(t["programs_per_sm"]), "min_steps": int(t["min_steps"])}
+
+
+def sparse_splits(batch: int, kv_heads: int, max_blocks: int, block_size: int, block_k: int,
+                  *, programs_per_sm: float = 2.0, min_steps: int = 16) -> int:
+    """Pieces per head's list: ~programs_per_sm programs per SM, >= min_steps steps each.
+
+    max_blocks: the list length N (static); a piece then covers <= ceil(N / S) entries.
+    """
+    if not programs_per_sm > 0 or min_steps < 1:
+        raise ValueError(f"need programs_per_sm > 0 and min_steps >= 1, got "
+                         f"{programs_per_sm!r}, {min_steps!r}")
+    steps = max(1, max_blocks * block_size // block_k)
+    want = -(-int(programs_per_sm * num_cores()) // max(1, batch * kv_heads))
+    return int(max(1, min(want, steps // min_steps, max_blocks)))
+
+
+def decode_config(batch: int, kv_heads: int, max_blocks: int, block_size: int) -> dict[str, Any]:
+    """Launch config {block_k, num_warps, num_stages, list_mode, merge, num_splits}."""
+    t = _regime(batch, kv_heads)
+    bk = int(t["block_k"])
+    return {"block_k": bk, "num_warps": int(t["num_warps"]), "num_stages": int(t["num_stages"]),
+            "list_mode": str(t["list_mode"]), "merge": str(t.get("merge", "xla")),
+            "num_splits": sparse_splits(batch, kv_heads, max_blocks, block_size, bk,
+                                        **_split_params(batch, kv_heads))}
 DEFAULT_PREFILL = {"block_q": 64, "block_k": 64, "num_warps": 4, "num_stages": 2}
 
 
@@ -244,10 +305,7 @@ def _check_lists(block_indices, block_counts, lead_shapes, num_blocks):
 def _check_launch(block_k, num_warps, num_stages):
     if not (is_pow2(block_k) and 16 <= block_k <= 1024):
         raise ValueError(f"block_k must be a power of two in [16, 1024], got {block_k}")
-    if num_warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps}")
-    if not 1 <= num_stages <= 8:
-        raise ValueError(f"num_stages must be in [1, 8], got {num_stages}")
+    check_warps_stages(num_warps, num_stages)
 
 
 # --- references ------------------------------------------------------------------------------
@@ -337,6 +395,7 @@ def _attend_step(q, k_ref, v_ref, kpos_ref, slot, ok, qpos, b, h, carry, scale, 
     o, m, den = carry
     cols = jnp.arange(d)[None, :]
     k = masked_load(k_ref.at[b, h, slot[:, None], cols], ok[:, None], 0)
+    v = masked_load(v_ref.at[b, h, slot[:, None], jnp.arange(dv)[None, :]], ok[:, None], 0)
     sc = dot(q, k, trans_b=True, precision=dot_precision) * scale  # [rows, block_k]
     if bias_ref is not None:
         sc = sc + masked_load(bias_ref.at[b, h, slot], ok, 0.0)[None, :]
@@ -352,13 +411,48 @@ def _attend_step(q, k_ref, v_ref, kpos_ref, slot, ok, qpos, b, h, carry, scale, 
     corr = jnp.exp(m - m_new)
     p = jnp.exp(sc - m_new[:, None])
     den = den * corr + jnp.sum(p, axis=1)
-    v = masked_load(v_ref.at[b, h, slot[:, None], jnp.arange(dv)[None, :]], ok[:, None], 0)
     pv = dot(p.astype(v.dtype), v, precision=dot_precision)
     return o * corr[:, None] + pv, m_new, den
 
 
+def _list_slots(idx_at, pages, lo, hi, c, *, block_k, block_size, n, list_mode, per_max):
+    """Slot ids int32[block_k] and in-list mask bool[block_k] of decode loop step `c`.
+
+    The step covers entries [lo, hi) of the head's block list, block_k slots per step (entry
+    lo + (c * block_k + r) // block_size, offset (c * block_k + r) % block_size). With
+    block_k <= block_size a step lies inside one block: one scalar page id, and the slots are
+    contiguous (`page * block_size + off + arange`), so the K/V tiles load like dense ones.
+    `pages` int32[per_max] holds entries [lo, lo + per_max) when list_mode == "preload"
+    (extracted with a one-hot sum: no memory access in the loop); otherwise the ids are loaded
+    from the list (`idx_at(entry)`). `c` may be one past the last step (prefetch): entries
+    past hi are clamped in range and masked.
+    """
+    # lax.div / lax.rem (all operands >= 0): jnp's floor-division wrappers do not lower to
+    # Triton on a loop index.
+    div, rem = jax.lax.div, jax.lax.rem
+    ar = jnp.arange(block_k, dtype=jnp.int32)
+    c = jnp.asarray(c, jnp.int32)
+    if block_k <= block_size:
+        e = div(c * block_k, jnp.int32(block_size))
+        inside = jnp.broadcast_to(lo + e < hi, (block_k,))
+        if list_mode == "preload":
+            page = jnp.sum(jnp.where(jnp.arange(per_max) == e, pages, 0))
+        else:
+            page = idx_at(jnp.minimum(lo + e, n - 1))
+        return page * block_size + rem(c * block_k, jnp.int32(block_size)) + ar, inside
+    r = c * block_k + ar
+    e = div(r, jnp.int32(block_size))
+    inside = lo + e < hi
+    if list_mode == "preload":
+        onehot = e[:, None] == jnp.arange(per_max)[None, :]
+        page = jnp.sum(jnp.where(onehot, pages[None, :], 0), axis=1)
+    else:
+        page = masked_load(idx_at(jnp.where(inside, lo + e, 0)), inside, 0)
+    return jnp.where(inside, page * block_size + rem(r, jnp.int32(block_size)), 0), inside
+
+
 def _decode_kernel(*refs, has_pos, has_bias, group, rows, block_k, block_size, scale, window,
-                   splits, dot_precision):
+                   splits, dot_precision, list_mode, per_max):
     q_ref, k_ref, v_ref, len_ref, idx_ref, cnt_ref = refs[:6]
     kpos_ref = qpos_ref = bias_ref = None
     i = 6
@@ -371,6 +465,7 @@ def _decode_kernel(*refs, has_pos, has_bias, group, rows, block_k, block_size, s
     o_ref, m_ref, l_ref = refs[i:]
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     d, dv = k_ref.shape[-1], v_ref.shape[-1]
+    n = idx_ref.shape[-1]
     count = cnt_ref[b, h]
     per = (count + splits - 1) // splits
     lo = jnp.minimum(s * per, count)
@@ -379,23 +474,40 @@ def _decode_kernel(*refs, has_pos, has_bias, group, rows, block_k, block_size, s
     row_ok = jnp.arange(rows) < group
     zero = (jnp.zeros((rows, dv), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
+    # No branch around the loop: an empty piece runs zero steps (no K/V loads).
+    q = masked_load(q_ref.at[b, h, pl.ds(0, rows), :], row_ok[:, None], 0)
+    length = len_ref[b, h]
+    qpos = qpos_ref[b] if has_pos else None
+    pages = None
+    if list_mode == "preload":  # this piece's list entries, loaded once
+        ent = lo + jnp.arange(per_max)
+        pages = masked_load(idx_ref.at[b, h, jnp.where(ent < hi, ent, 0)], ent < hi, 0)
 
-    def compute():
-        q = masked_load(q_ref.at[b, h, pl.ds(0, rows), :], row_ok[:, None], 0)
-        length = len_ref[b, h]
-        qpos = qpos_ref[b] if has_pos else None
+    def idx_at(e):
+        return idx_ref[b, h, e] if jnp.ndim(e) == 0 else idx_ref.at[b, h, e]
 
+    slots = functools.partial(_list_slots, idx_at, pages, lo, hi, block_k=block_k,
+                              block_size=block_size, n=n, list_mode=list_mode, per_max=per_max)
+
+    def attend(slot, inside, carry):
+        ok = inside & (slot < length)
+        return _attend_step(q, k_ref, v_ref, kpos_ref, slot, ok, qpos, b, h, carry, scale,
+                            window, dot_precision, d, dv, bias_ref)
+
+    if list_mode == "prefetch":  # step c+1's ids load while step c computes
         def body(c, carry):
-            slot, inside = _gather_rows(
-                idx_ref, lambda e: idx_ref.at[b, h, e], lo, hi, c, block_k, block_size
-            )
-            ok = inside & (slot < length)
-            return _attend_step(q, k_ref, v_ref, kpos_ref, slot, ok, qpos, b, h, carry, scale,
-                                window, dot_precision, d, dv, bias_ref)
+            nxt, _ = slots(c + 1)
+            r = c * block_k + jnp.arange(block_k, dtype=jnp.int32)
+            inside = lo + jax.lax.div(r, jnp.int32(block_size)) < hi
+            return attend(carry[3], inside, carry[:3]) + (nxt,)
 
-        return jax.lax.fori_loop(0, steps, body, zero)
+        o, m, den, _ = jax.lax.fori_loop(0, steps, body, zero + (slots(0)[0],))
+    else:
+        def body(c, carry):
+            slot, inside = slots(c)
+            return attend(slot, inside, carry)
 
-    o, m, den = jax.lax.cond(steps > 0, compute, lambda: zero)
+        o, m, den = jax.lax.fori_loop(0, steps, body, zero)
     masked_store(o_ref.at[b, h, s, pl.ds(0, rows), :], o, row_ok[:, None])
     masked_store(m_ref.at[b, h, s, pl.ds(0, rows)], m, row_ok)
     masked_store(l_ref.at[b, h, s, pl.ds(0, rows)], den, row_ok)
@@ -446,17 +558,21 @@ def _prefill_kernel(*refs, has_pos, group, per_kv_lists, block_q, block_k, block
 @functools.partial(
     jax.jit,
     static_argnames=("block_size", "scale", "sliding_window", "block_k", "num_splits",
-                     "num_warps", "num_stages", "interpret"),
+                     "num_warps", "num_stages", "list_mode", "merge", "interpret"),
 )
 def _decode(q, keys, values, lengths, block_indices, block_counts, kv_positions, q_positions,
             kv_bias, *, block_size, scale, sliding_window, block_k, num_splits, num_warps,
-            num_stages, interpret):
+            num_stages, list_mode, merge, interpret):
     b, hq, d = q.shape
     hkv, dv = keys.shape[1], values.shape[-1]
     g = hq // hkv
     rows = max(16, 1 << max(0, g - 1).bit_length())
     has_pos = kv_positions is not None
     has_bias = kv_bias is not None
+    if block_indices.shape[-1] == 0:  # keep the in-kernel list reads in bounds
+        block_indices = jnp.zeros(block_counts.shape + (1,), jnp.int32)
+    n = block_indices.shape[-1]
+    per_max = 1 << max(0, -(-n // num_splits) - 1).bit_length()  # >= entries per piece
     inputs = [q.reshape(b, hkv, g, d), keys, values, lengths.astype(jnp.int32),
               jnp.clip(block_indices, 0, keys.shape[2] // block_size - 1).astype(jnp.int32),
               block_counts.astype(jnp.int32)]
@@ -468,20 +584,17 @@ def _decode(q, keys, values, lengths, block_indices, block_counts, kv_positions,
         _decode_kernel, has_pos=has_pos, has_bias=has_bias, group=g, rows=rows, block_k=block_k,
         block_size=block_size, scale=scale, window=sliding_window, splits=num_splits,
         dot_precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
+        list_mode=list_mode, per_max=per_max,
     )
     o, m, den = pl.pallas_call(
         kernel,
         grid=(b, hkv, num_splits),
-        out_shape=[
-            jax.ShapeDtypeStruct((b, hkv, num_splits, g, dv), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, num_splits, g), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, num_splits, g), jnp.float32),
-        ],
+        out_shape=partial_shapes(b, hkv, num_splits, g, dv),
         compiler_params=compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="block_sparse_decode",
     )(*inputs)
-    return merge_partials(o, m, den).reshape(b, hq, dv).astype(q.dtype)
+    return merge_splits(o, m, den, merge, q.dtype, interpret=interpret).reshape(b, hq, dv)
 
 
 def block_sparse_decode(
@@ -502,6 +615,8 @@ def block_sparse_decode(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    list_mode: str | None = None,
+    merge: str | None = None,
     interpret: bool | None = None,
 ) -> Array:
     """[B, Hq, Dv] decode attention over the listed KV blocks of each KV head.
@@ -509,8 +624,12 @@ def block_sparse_decode(
     q [B, Hq, D]; keys/values [B, Hkv, C, D]; lengths int32[B, Hkv]; block_indices
     int32[B, Hkv, N] (distinct ids in [0, C / block_size)); block_counts int32[B, Hkv] in
     [0, N]; optional kv_positions int32[B, Hkv, C] with q_positions int32[B]; optional kv_bias
-    float[B, Hkv, C] added to each slot's scaled score (merged slots' log N). num_splits
-    default: ~2 programs per SM with >= 16 loop steps each.
+    float[B, Hkv, C] added to each slot's scaled score (merged slots' log N).
+    Launch parameters left None come from `decode_config` (per shape, H100-tuned); list_mode
+    is how a program reads its list: "load" (ids loaded in each step), "prefetch" (step c+1's
+    ids loaded during step c) or "preload" (the piece's ids loaded once before the loop;
+    pieces of more than `MAX_PRELOAD` entries fall back to "load"); merge combines the
+    pieces' partials: "xla" (`merge_partials`) or "pallas" (one kernel).
     """
     _check_common(q, keys, values, lengths, block_size, kv_positions, q_positions,
                   sliding_window, (q.shape[0],))
@@ -522,25 +641,33 @@ def block_sparse_decode(
                                 or not jnp.issubdtype(kv_bias.dtype, jnp.floating)):
         raise ValueError(f"kv_bias must be float[{b}, {hkv}, {cap}], got {kv_bias.dtype}"
                          f"{list(kv_bias.shape)}")
-    cfg = dict(DEFAULT_DECODE)
-    for k_, v_ in (("block_k", block_k), ("num_warps", num_warps), ("num_stages", num_stages)):
-        if v_ is not None:
-            cfg[k_] = v_
-    _check_launch(cfg["block_k"], cfg["num_warps"], cfg["num_stages"])
     n = block_indices.shape[-1]
-    if num_splits is None:  # ~2 programs per SM, >= 16 loop steps per program
-        steps = max(1, n * block_size // cfg["block_k"])
-        num_splits = max(1, min(-(-2 * num_cores() // (b * hkv)), steps // 16, n))
-    if not isinstance(num_splits, (int, np.integer)) or num_splits < 1:
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    cfg = launch_config(decode_config(b, hkv, n, block_size), block_k=block_k,
+                        num_warps=num_warps, num_stages=num_stages, list_mode=list_mode,
+                        merge=merge)
+    row_bytes = (keys.shape[-1] + values.shape[-1]) * keys.dtype.itemsize
+    fitted = block_k is not None or (
+        fit_block_k(cfg["block_k"], cfg["num_stages"], row_bytes) == cfg["block_k"])
+    if not fitted:  # a default tile too large for this dtype (float32): halve it
+        cfg["block_k"] = fit_block_k(cfg["block_k"], cfg["num_stages"], row_bytes)
+    _check_launch(cfg["block_k"], cfg["num_warps"], cfg["num_stages"])
+    check_choice("list_mode", cfg["list_mode"], LIST_MODES)
+    check_choice("merge", cfg["merge"], MERGES)
+    if num_splits is None:
+        num_splits = cfg["num_splits"] if block_k is None and fitted else sparse_splits(
+            b, hkv, n, block_size, cfg["block_k"], **_split_params(b, hkv))
+    check_num_splits(num_splits)
+    mode = cfg["list_mode"]
+    if mode == "preload" and -(-n // int(num_splits)) > MAX_PRELOAD:
+        mode = "load"
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _decode(
         q, keys, values, lengths, block_indices, block_counts, kv_positions, q_positions, kv_bias,
         block_size=int(block_size), scale=scale,
         sliding_window=None if sliding_window is None else int(sliding_window),
         block_k=int(cfg["block_k"]), num_splits=int(num_splits),
-        num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]),
-        interpret=resolve_interpret(interpret),
+        num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]), list_mode=mode,
+        merge=cfg["merge"], interpret=resolve_interpret(interpret),
     )
 
 
@@ -609,11 +736,8 @@ def block_sparse_prefill(
                   sliding_window, (q.shape[0], q.shape[2]))
     b, hq, t, _ = q.shape
     hkv, cap = keys.shape[1], keys.shape[2]
-    cfg = dict(DEFAULT_PREFILL)
-    for k_, v_ in (("block_q", block_q), ("block_k", block_k), ("num_warps", num_warps),
-                   ("num_stages", num_stages)):
-        if v_ is not None:
-            cfg[k_] = v_
+    cfg = launch_config(DEFAULT_PREFILL, block_q=block_q, block_k=block_k, num_warps=num_warps,
+                        num_stages=num_stages)
     if not (is_pow2(cfg["block_q"]) and 16 <= cfg["block_q"] <= 512):
         raise ValueError(f"block_q must be a power of two in [16, 512], got {cfg['block_q']}")
     nqb = -(-t // cfg["block_q"])

@@ -10,7 +10,10 @@ pieces of equal length *measured on that head's own length*, so short and long h
 balanced programs; a program whose piece is empty (past the head's length) skips all loads and
 writes a neutral partial result. Each program keeps a float32 online softmax (running max m,
 sum l, unnormalised output o); a second pass (plain jnp, fused by XLA) merges the S partial
-results: out = sum_s e^{m_s - m} o_s / sum_s e^{m_s - m} l_s.
+results: out = sum_s e^{m_s - m} o_s / sum_s e^{m_s - m} l_s. With one split the kernel
+normalises and writes the output itself (no partials, no second pass). Launch parameters
+default per shape (`decode_config`, from the `TUNED_DECODE` table that
+`experiments/bench_kernels.py --tune` prints).
 
 Layouts (B rows, Hq query heads, Hkv KV heads, C capacity, P pool size, D/Dv head dims):
   q          [B, Hq, D]
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -114,6 +118,109 @@ def _pow2(n: int) -> int:
 
 def is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
+
+
+# --- split-K launch plumbing shared by the decode kernels (this module, block-sparse, -------
+# --- quantized and Mustafar sparse decode) --------------------------------------------------
+
+
+def launch_config(defaults: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
+    """A copy of `defaults` with every override that is not None applied."""
+    cfg = dict(defaults)
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return cfg
+
+
+# Shared memory a launch may plan for its pipelined K/V tiles (H100: 227 KB per block; the
+# rest is left for the query tile, accumulators and Triton's own buffers).
+SMEM_BUDGET = 200 * 1024
+
+
+def fit_block_k(block_k: int, num_stages: int, row_bytes: int) -> int:
+    """`block_k`, halved (down to 16) until (num_stages - 1) K/V tiles of `row_bytes` per key
+    fit `SMEM_BUDGET`: the tuned defaults are sized for bf16; float32 caches need half the
+    tile (a float32 256-key tile at 2 stages asks for 281 KB and does not launch on an H100)."""
+    while block_k > 16 and max(num_stages - 1, 1) * block_k * row_bytes > SMEM_BUDGET:
+        block_k //= 2
+    return block_k
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """ValueError naming `name` unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_num_splits(num_splits: int | None) -> None:
+    """None (automatic) or a positive int, else ValueError."""
+    if num_splits is not None and (not isinstance(num_splits, (int, np.integer))
+                                   or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+
+
+def check_warps_stages(num_warps: Any, num_stages: Any) -> None:
+    """Triton launch parameters: num_warps in {1, 2, 4, 8, 16}, num_stages an int in [1, 8]."""
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps!r}")
+    if not isinstance(num_stages, (int, np.integer)) or not 1 <= num_stages <= 8:
+        raise ValueError(f"num_stages must be an int in [1, 8], got {num_stages!r}")
+
+
+def launch_params(num_warps: int, num_stages: int, interpret: bool) -> dict[str, Any]:
+    """`pallas_call` keyword arguments: Triton compiler params when compiled, none interpreted."""
+    if interpret:
+        return {}
+    return {"compiler_params": compiler_params(num_warps, num_stages)}
+
+
+def pad_query_groups(q: Array, kv_heads: int, min_rows: int = 16) -> tuple[Array, int, int]:
+    """q [B, Hq, D] -> (qg [B, Hkv, GP, D], G, GP): the G = Hq / Hkv query heads of each KV
+    head padded with zero rows to GP = max(min_rows, next power of two >= G) (tensor-core dots
+    need >= 16 rows); bf16/fp16 queries keep their dtype, others become float32."""
+    b, hq, d = q.shape
+    g = hq // kv_heads
+    gp = max(min_rows, 1 << (g - 1).bit_length())
+    qg = jnp.pad(q.reshape(b, kv_heads, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    if qg.dtype not in (jnp.bfloat16, jnp.float16):
+        qg = qg.astype(jnp.float32)
+    return qg, g, gp
+
+
+def whole_head(shape: Sequence[int]) -> Any:
+    """BlockSpec handing program (b, h, s) the whole [*shape] slice [b, h] of an input."""
+    return pl.BlockSpec((None, None) + tuple(shape), lambda i, j, s: (i, j) + (0,) * len(shape))
+
+
+def partial_shapes(b: int, h: int, splits: int, rows: int, dv: int) -> list[Any]:
+    """Output shapes of a split-K launch: o float32[B, H, S, rows, Dv], m and l float32[B, H,
+    S, rows] (running max and softmax denominator of each split)."""
+    return [
+        jax.ShapeDtypeStruct((b, h, splits, rows, dv), jnp.float32),
+        jax.ShapeDtypeStruct((b, h, splits, rows), jnp.float32),
+        jax.ShapeDtypeStruct((b, h, splits, rows), jnp.float32),
+    ]
+
+
+def partial_specs(rows: int, dv: int) -> list[Any]:
+    """Out BlockSpecs matching `partial_shapes` for a (B, H, S) grid: program (b, h, s) writes
+    its split's [rows, Dv] and [rows] slices."""
+    return [
+        pl.BlockSpec((None, None, None, rows, dv), lambda i, j, s: (i, j, s, 0, 0)),
+        pl.BlockSpec((None, None, None, rows), lambda i, j, s: (i, j, s, 0)),
+        pl.BlockSpec((None, None, None, rows), lambda i, j, s: (i, j, s, 0)),
+    ]
+
+
+def combine_splits(o: Array, m: Array, den: Array, dtype: Any = jnp.float32) -> Array:
+    """Merges split partials (o [B, H, S, G, Dv], m, den [B, H, S, G]) into [B, H * G, Dv]
+    of `dtype`; rows that saw no valid key return zeros (the quantized and sparse kernels)."""
+    peak = jnp.max(m, axis=2, keepdims=True)
+    w = jnp.exp(m - peak)
+    num = jnp.sum(w[..., None] * o, axis=2)
+    tot = jnp.sum(w * den, axis=2)
+    out = num / jnp.where(tot == 0, 1.0, tot)[..., None]
+    b, h, g, dv = out.shape
+    return out.reshape(b, h * g, dv).astype(dtype)
 
 
 # --- jnp reference -------------------------------------------------------------------------
@@ -244,31 +351,69 @@ def _check_tiling(d: int, dv: int, block_k: int, num_splits: int | None, num_war
             raise ValueError(f"{name} must be a power of two in [16, 512] for the kernel, got {v}")
     if not (is_pow2(block_k) and 16 <= block_k <= 1024):
         raise ValueError(f"block_k must be a power of two in [16, 1024], got {block_k}")
-    if num_splits is not None and (not isinstance(num_splits, (int, np.integer)) or num_splits < 1):
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-    if num_warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps}")
-    if not 1 <= num_stages <= 8:
-        raise ValueError(f"num_stages must be in [1, 8], got {num_stages}")
+    check_num_splits(num_splits)
+    check_warps_stages(num_warps, num_stages)
 
 
-def default_splits(batch: int, kv_heads: int, capacity: int, block_k: int) -> int:
-    """Split count giving about one program per SM (B * Hkv * S ~ #SMs), >= 1 block per split.
+def default_splits(batch: int, kv_heads: int, capacity: int, block_k: int,
+                   programs_per_sm: float = 1.0) -> int:
+    """Split count giving ~`programs_per_sm` programs per SM (B * Hkv * S), >= 1 block per split.
 
     From the H100 sweep in docs/benchmarks.md (Hkv 8, block_k 64): the best split counts were
     16 / 2 / 1 at batch 1 / 8 / 32 for 32k and 128k contexts (long programs amortise the
     pipeline fill; 512 programs were consistently slow); "~4 programs per SM", the first rule,
     was 4-44% slower.
     """
-    target = round(num_cores() / max(1, batch * kv_heads))
+    if not programs_per_sm > 0:
+        raise ValueError(f"programs_per_sm must be > 0, got {programs_per_sm!r}")
+    target = round(programs_per_sm * num_cores() / max(1, batch * kv_heads))
     return int(max(1, min(target, capacity // block_k)))
+
+
+# Launch configs per regime, from `experiments/bench_kernels.py --tune` on an H100 (paste the
+# "TUNED_DECODE" line it prints), per `regime`: "few" (B * Hkv <= #SMs / 4, batch-1-like:
+# split-K fills the GPU; tuned at batch 1) and "many" (the rest; tuned at batch 8).
+# programs_per_sm sets the split count (`default_splits`); merge is how split partials are
+# combined: "xla" (`merge_partials`) or "pallas" (one merge kernel); split_tail runs the full
+# blocks of a piece without load masks and its partial last block separately.
+# Pasted from the H100 run of 2026-11-23 (docs/benchmarks.md).
+TUNED_DECODE: dict[str, dict[str, Any]] = {
+    "few": {"block_k": 256, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1.0,
+            "merge": "xla", "split_tail": True},
+    "many": {"block_k": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 1.0,
+             "merge": "xla", "split_tail": False},
+}
+MERGES = ("xla", "pallas")
+
+
+def regime(batch: int, kv_heads: int) -> str:
+    """Tuning regime: 'few' when B * Hkv <= #SMs / 4 (split-K must fill the GPU), else 'many'."""
+    return "few" if batch * kv_heads <= num_cores() // 4 else "many"
+
+
+def _regime(batch: int, kv_heads: int) -> dict[str, Any]:
+    return TUNED_DECODE[regime(batch, kv_heads)]
+
+
+def decode_config(batch: int, kv_heads: int, capacity: int) -> dict[str, Any]:
+    """Launch config {block_k, num_warps, num_stages, num_splits, merge, split_tail} for a shape.
+
+    capacity: the longest a head can be (C, or the pool size). Picks the `TUNED_DECODE` regime
+    from the number of (row, KV head) pairs against the SM count.
+    """
+    t = _regime(batch, kv_heads)
+    bk = int(t["block_k"])
+    return {"block_k": bk, "num_warps": int(t["num_warps"]), "num_stages": int(t["num_stages"]),
+            "num_splits": default_splits(batch, kv_heads, max(capacity, 1), bk,
+                                         float(t["programs_per_sm"])),
+            "merge": str(t["merge"]), "split_tail": bool(t.get("split_tail", False))}
 
 
 # --- kernel ------------------------------------------------------------------------------
 
 
 def _decode_kernel(*refs, pool, has_pos, has_bias, group, rows, block_k, cap, scale, window,
-                   splits, dot_precision):
+                   splits, dot_precision, direct, split_tail):
     q_ref, k_ref, v_ref, len_ref = refs[:4]
     i = 4
     off_ref = None
@@ -282,7 +427,10 @@ def _decode_kernel(*refs, pool, has_pos, has_bias, group, rows, block_k, cap, sc
     if has_bias:
         bias_ref = refs[i]
         i += 1
-    o_ref, m_ref, l_ref = refs[i:]
+    if direct:
+        (o_ref,) = refs[i:]
+    else:
+        o_ref, m_ref, l_ref = refs[i:]
 
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length = len_ref[b, h]
@@ -295,50 +443,59 @@ def _decode_kernel(*refs, pool, has_pos, has_bias, group, rows, block_k, cap, sc
     row_ok = jnp.arange(rows) < group
     dv = o_ref.shape[-1]
 
-    def compute():
-        q = masked_load(q_ref.at[b, h, pl.ds(0, rows), :], row_ok[:, None], 0)
-        qpos = qpos_ref[b] if has_pos else None
+    # No branch around the loop: a piece past the head's length runs zero steps (no K/V
+    # loads) and writes the neutral partial (o 0, m -1e30, l 0).
+    q = masked_load(q_ref.at[b, h, pl.ds(0, rows), :], row_ok[:, None], 0)
+    qpos = qpos_ref[b] if has_pos else None
 
-        def body(j, carry):
-            o, m, den = carry
-            start = lo + j * block_k
-            idx = start + jnp.arange(block_k)
-            valid = idx < hi
-            k = masked_load(k_ref.at[b, pl.ds(base + start, block_k), :], valid[:, None], 0)
-            sc = dot(q, k, trans_b=True, precision=dot_precision) * scale  # [rows, block_k]
-            ok = valid
-            if has_bias:
-                sc = sc + masked_load(bias_ref.at[b, pl.ds(base + start, block_k)], valid,
-                                      0.0)[None, :]
-            if has_pos:
-                kp = masked_load(kpos_ref.at[b, pl.ds(base + start, block_k)], valid, -1)
-                ok = ok & (kp >= 0) & (kp <= qpos)
-                if window is not None:
-                    ok = ok & (qpos - kp < window)
-            sc = jnp.where(ok[None, :], sc, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(sc, axis=1))
-            corr = jnp.exp(m - m_new)
-            p = jnp.exp(sc - m_new[:, None])
-            den = den * corr + jnp.sum(p, axis=1)
-            v = masked_load(v_ref.at[b, pl.ds(base + start, block_k), :], valid[:, None], 0)
-            pv = dot(p.astype(v.dtype), v, precision=dot_precision)
-            return o * corr[:, None] + pv, m_new, den
+    def body(j, carry, full=False):
+        """One step; full=True: all block_k slots are inside the piece, so no load masks."""
+        o, m, den = carry
+        start = lo + j * block_k
+        valid = start + jnp.arange(block_k) < hi
 
-        init = (
-            jnp.zeros((rows, dv), jnp.float32),
-            jnp.full((rows,), _NEG, jnp.float32),
-            jnp.zeros((rows,), jnp.float32),
-        )
-        return jax.lax.fori_loop(0, nblocks, body, init)
+        def load(ref, rows_mask, other):
+            if full:
+                return ref[...]
+            return masked_load(ref, rows_mask, other)
 
-    def empty():  # a piece past the head's length: no loads at all
-        return (
-            jnp.zeros((rows, dv), jnp.float32),
-            jnp.full((rows,), _NEG, jnp.float32),
-            jnp.zeros((rows,), jnp.float32),
-        )
+        rows_k = pl.ds(base + start, block_k)
+        # Every load of the step is issued before any math uses one (more bytes in flight).
+        k = load(k_ref.at[b, rows_k, :], valid[:, None], 0)
+        v = load(v_ref.at[b, rows_k, :], valid[:, None], 0)
+        ok = jnp.ones((block_k,), jnp.bool_) if full else valid
+        if has_pos:
+            kp = load(kpos_ref.at[b, rows_k], valid, -1)
+            ok = ok & (kp >= 0) & (kp <= qpos)
+            if window is not None:
+                ok = ok & (qpos - kp < window)
+        sc = dot(q, k, trans_b=True, precision=dot_precision) * scale  # [rows, block_k]
+        if has_bias:
+            sc = sc + load(bias_ref.at[b, rows_k], valid, 0.0)[None, :]
+        sc = jnp.where(ok[None, :], sc, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.exp(sc - m_new[:, None])
+        den = den * corr + jnp.sum(p, axis=1)
+        pv = dot(p.astype(v.dtype), v, precision=dot_precision)
+        return o * corr[:, None] + pv, m_new, den
 
-    o, m, den = jax.lax.cond(nblocks > 0, compute, empty)
+    init = (
+        jnp.zeros((rows, dv), jnp.float32),
+        jnp.full((rows,), _NEG, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    if split_tail:  # unmasked loop over the full blocks, then the partial one (if any)
+        nfull = (hi - lo) // block_k
+        carry = jax.lax.fori_loop(0, nfull, functools.partial(body, full=True), init)
+        o, m, den = jax.lax.fori_loop(nfull, nblocks, body, carry)
+    else:
+        o, m, den = jax.lax.fori_loop(0, nblocks, body, init)
+    if direct:  # one piece per head: normalise here, no second pass
+        out = jnp.where(den[:, None] > 0, o / jnp.where(den > 0, den, 1.0)[:, None], 0.0)
+        masked_store(o_ref.at[b, h, pl.ds(0, rows), :], out.astype(o_ref.dtype),
+                     row_ok[:, None])
+        return
     masked_store(o_ref.at[b, h, s, pl.ds(0, rows), :], o, row_ok[:, None])
     masked_store(m_ref.at[b, h, s, pl.ds(0, rows)], m, row_ok)
     masked_store(l_ref.at[b, h, s, pl.ds(0, rows)], den, row_ok)
@@ -353,13 +510,73 @@ def merge_partials(o: Array, m: Array, den: Array) -> Array:
     return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
 
 
+_MERGE_CHUNK = 16  # splits merged per loop step of the Pallas merge
+
+
+def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, splits, group, gp):
+    b, h = pl.program_id(0), pl.program_id(1)
+    g_ok = jnp.arange(gp) < group
+    sc = min(_MERGE_CHUNK, _pow2(splits))
+
+    def body(c, carry):
+        mx, den, num = carry
+        s_ok = c * sc + jnp.arange(sc) < splits
+        mk = s_ok[:, None] & g_ok[None, :]
+        m = masked_load(m_ref.at[b, h, pl.ds(c * sc, sc), pl.ds(0, gp)], mk, _NEG)
+        ls = masked_load(l_ref.at[b, h, pl.ds(c * sc, sc), pl.ds(0, gp)], mk, 0.0)
+        o = masked_load(o_ref.at[b, h, pl.ds(c * sc, sc), pl.ds(0, gp), :], mk[:, :, None],
+                        0.0)
+        mx_new = jnp.maximum(mx, jnp.max(m, axis=0))
+        corr = jnp.exp(mx - mx_new)
+        w = jnp.exp(m - mx_new[None, :])  # [sc, gp]
+        den = den * corr + jnp.sum(w * ls, axis=0)
+        num = num * corr[:, None] + jnp.sum(w[:, :, None] * o, axis=0)
+        return mx_new, den, num
+
+    dv = o_ref.shape[-1]
+    init = (jnp.full((gp,), _NEG, jnp.float32), jnp.zeros((gp,), jnp.float32),
+            jnp.zeros((gp, dv), jnp.float32))
+    _, den, num = jax.lax.fori_loop(0, -(-splits // sc), body, init)
+    out = jnp.where(den[:, None] > 0, num / jnp.where(den > 0, den, 1.0)[:, None], 0.0)
+    masked_store(out_ref.at[b, h, pl.ds(0, gp), :], out.astype(out_ref.dtype), g_ok[:, None])
+
+
+def merge_partials_pallas(o: Array, m: Array, den: Array, out_dtype: Any, *,
+                          interpret: bool) -> Array:
+    """`merge_partials` as one Pallas kernel: [B, H, S, G, Dv], [B, H, S, G] x2 -> [B, H, G, Dv].
+
+    One program per (B, H) merges the S partials online, 16 at a time, and writes out_dtype
+    (one launch instead of XLA's reduction fusions).
+    """
+    b, h, splits, g, dv = o.shape
+    kernel = functools.partial(_merge_kernel, splits=splits, group=g, gp=_pow2(g))
+    return pl.pallas_call(
+        kernel,
+        grid=(b, h),
+        out_shape=jax.ShapeDtypeStruct((b, h, g, dv), out_dtype),
+        compiler_params=compiler_params(4, 1),
+        interpret=interpret,
+        name="decode_merge_partials",
+    )(o, m, den)
+
+
+def merge_splits(o: Array, m: Array, den: Array, merge: str, out_dtype: Any, *,
+                 interpret: bool) -> Array:
+    """[B, H, S, G, Dv], [B, H, S, G] x2 -> [B, H, G, Dv] of out_dtype, merged by `merge`:
+    "xla" (`merge_partials`) or "pallas" (`merge_partials_pallas`)."""
+    if merge == "pallas":
+        return merge_partials_pallas(o, m, den, out_dtype, interpret=interpret)
+    return merge_partials(o, m, den).astype(out_dtype)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("scale", "sliding_window", "block_k", "num_splits", "num_warps",
-                     "num_stages", "interpret"),
+                     "num_stages", "merge", "split_tail", "interpret"),
 )
 def _decode(q, keys, values, lengths, offsets, kv_positions, q_positions, kv_bias, *, scale,
-            sliding_window, block_k, num_splits, num_warps, num_stages, interpret):
+            sliding_window, block_k, num_splits, num_warps, num_stages, merge, split_tail,
+            interpret):
     pool = offsets is not None
     has_pos = kv_positions is not None
     has_bias = kv_bias is not None
@@ -388,13 +605,13 @@ def _decode(q, keys, values, lengths, offsets, kv_positions, q_positions, kv_bia
         _decode_kernel, pool=pool, has_pos=has_pos, has_bias=has_bias, group=g, rows=rows,
         block_k=block_k, cap=cap, scale=float(scale), window=sliding_window, splits=num_splits,
         dot_precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
+        direct=num_splits == 1, split_tail=split_tail,
     )
-    out_shape = [
-        jax.ShapeDtypeStruct((b, hkv, num_splits, g, dv), jnp.float32),
-        jax.ShapeDtypeStruct((b, hkv, num_splits, g), jnp.float32),
-        jax.ShapeDtypeStruct((b, hkv, num_splits, g), jnp.float32),
-    ]
-    o, m, den = pl.pallas_call(
+    if num_splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((b, hkv, g, dv), q.dtype)]
+    else:
+        out_shape = partial_shapes(b, hkv, num_splits, g, dv)
+    res = pl.pallas_call(
         kernel,
         grid=(b, hkv, num_splits),
         out_shape=out_shape,
@@ -402,11 +619,12 @@ def _decode(q, keys, values, lengths, offsets, kv_positions, q_positions, kv_bia
         interpret=interpret,
         name="ragged_decode_attention",
     )(*inputs)
-    out = merge_partials(o, m, den)  # [B, Hkv, G, Dv]
-    return out.reshape(b, hq, dv).astype(q.dtype)
+    if num_splits == 1:
+        return res[0].reshape(b, hq, dv)
+    return merge_splits(*res, merge, q.dtype, interpret=interpret).reshape(b, hq, dv)
 
 
-# Tuned on the H100 (docs/benchmarks.md): block_k, num_warps, num_stages.
+# First H100 sweep (docs/benchmarks.md); per-shape defaults come from `decode_config`.
 DEFAULT_CONFIG = {"block_k": 64, "num_warps": 4, "num_stages": 3}
 
 
@@ -426,6 +644,8 @@ def ragged_decode_attention(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    merge: str | None = None,
+    split_tail: bool | None = None,
     interpret: bool | None = None,
 ) -> Array:
     """[B, Hq, Dv] decode attention over per-head ragged caches (layouts in the module doc).
@@ -435,24 +655,35 @@ def ragged_decode_attention(
         docstring.
       scale: softmax scale (default D ** -0.5).
       sliding_window: keys with q_pos - pos >= window are masked (needs positions).
-      block_k: keys per loop step (power of two >= 16; default `DEFAULT_CONFIG`).
-      num_splits: split-K pieces per head (default: ~1 program per SM, see `default_splits`).
+      block_k: keys per loop step (power of two >= 16).
+      num_splits: split-K pieces per head; 1 normalises in the kernel (no second pass).
       num_warps, num_stages: Triton launch parameters.
+      merge: "xla" or "pallas", how several splits' partials are combined.
+      split_tail: loop over a piece's full blocks without load masks, then its last block.
+        Each launch parameter left None comes from `decode_config` (per shape, H100-tuned).
       interpret: run the Pallas interpreter (default: exactly on CPU).
 
     Raises ValueError/TypeError on mismatched shapes/dtypes before anything is launched.
     """
     _check(q, keys, values, lengths, offsets, kv_positions, q_positions, sliding_window, kv_bias)
-    cfg = dict(DEFAULT_CONFIG)
-    for k_, v_ in (("block_k", block_k), ("num_warps", num_warps), ("num_stages", num_stages)):
-        if v_ is not None:
-            cfg[k_] = v_
-    d, dv = q.shape[-1], values.shape[-1]
-    _check_tiling(d, dv, cfg["block_k"], num_splits, cfg["num_warps"], cfg["num_stages"])
     b, hkv = lengths.shape
     span = keys.shape[1] if offsets is not None else keys.shape[2]  # longest possible head
+    cfg = launch_config(decode_config(b, hkv, span), block_k=block_k, num_warps=num_warps,
+                        num_stages=num_stages, merge=merge, split_tail=split_tail)
+    check_choice("merge", cfg["merge"], MERGES)
+    d, dv = q.shape[-1], values.shape[-1]
+    fitted = True
+    if block_k is None:  # a default tile too large for this dtype or cache: halve it
+        bk = fit_block_k(cfg["block_k"], cfg["num_stages"], (d + dv) * keys.dtype.itemsize)
+        while bk > 16 and bk > span:  # (the tuned 256-key tile is for long caches)
+            bk //= 2
+        fitted, cfg["block_k"] = bk == cfg["block_k"], bk
+    if cfg["block_k"] > span:  # no full block anywhere: the masked loop covers everything
+        cfg["split_tail"] = False
+    _check_tiling(d, dv, cfg["block_k"], num_splits, cfg["num_warps"], cfg["num_stages"])
     if num_splits is None:
-        num_splits = default_splits(b, hkv, max(span, 1), cfg["block_k"])
+        num_splits = cfg["num_splits"] if block_k is None and fitted else default_splits(
+            b, hkv, max(span, 1), cfg["block_k"], _regime(b, hkv)["programs_per_sm"])
     scale = d**-0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
@@ -460,5 +691,7 @@ def ragged_decode_attention(
         q, keys, values, lengths, offsets, kv_positions, q_positions, kv_bias,
         scale=scale, sliding_window=None if sliding_window is None else int(sliding_window),
         block_k=int(cfg["block_k"]), num_splits=int(num_splits), num_warps=int(cfg["num_warps"]),
-        num_stages=int(cfg["num_stages"]), interpret=resolve_interpret(interpret),
+        num_stages=int(cfg["num_stages"]), merge=cfg["merge"],
+        split_tail=bool(cfg["split_tail"]),
+        interpret=resolve_interpret(interpret),
     )

@@ -19,19 +19,35 @@ Layout (see `kvjax.quant.packing`; P = 32 // bits groups per word, G tokens per 
   residual_keys/values [B, Hkv, R, D]       full precision; slots [0, num_residual) valid
 Every stored token is taken to precede the query (true at decode), so masking is by counts only.
 
-Inner loop, per block of P * G tokens: load the G x D key and value words once; for each of the
-P groups: codes = (word >> bits*j) & mask, converted to float32 with the exponent trick
-(bit-or into 2^23, subtract 2^23, no int->float conversion instruction), keys dequantized as
-codes * scale + zero ([1, D] broadcasts), q @ k^T on tensor cores; values are never dequantized
-elementwise: their per-token scale is folded into the probabilities,
-    p @ (c * s + z) = (p * s) @ c + (p . z),
-so the value dot reads the exact small-integer codes. Softmax is online (float32) across groups.
+Main loop (one iteration = one tile of Nt = block_tokens / G blocks = block_tokens * P tokens):
+load the key words [Nt, G, D] and the value words [Nt * G, D] once (16-byte coalesced rows), then
+for each of the P code fields j (unrolled: shifts and masks are constants), with T = Nt * G:
+  - codes of field j for all T word rows at once, as exact float32 `code * 2^off`: a field below
+    bit 23 is masked in place and or-ed into the float 2^23 (one LOP3 + one FADD, no shift, no
+    int->float conversion); higher fields are shifted down first. 2^-off is folded into the
+    scales ([Nt, D] rows, not per element);
+  - keys k = codes * scale + zero with the per-(block, channel) rows broadcast over the G rows of
+    a [Nt, G, D] tile, reshaped to [T, D], cast to the query dtype; scores q @ k^T [16, T] on
+    tensor cores (the GQA query rows padded to 16);
+  - one online-softmax step (float32) over the T tokens;
+  - values dequantized in one [T, D] tile (codes * scale + zero with the per-token, per-channel-
+    group scales broadcast and reshaped; `value_split=True` instead issues one dot per channel
+    group c: codes [T, Gv] * scale[T, 1] + zero[T, 1], then p @ v_c), then p @ v [16, T] x [T, D].
+A tile therefore issues two dots of T tokens per field instead of five per group of 32 tokens.
+Split-K: each split owns whole tiles; its last tile is moved back inside the array when it would
+run past the end (never reading out of bounds), and blocks it re-reads are masked. Tokens are
+visited in field-major order inside a tile; attention does not depend on the order.
 
 Bytes read per token and KV head at D=128, G=32, 16-bit scale/zero: int8 288, int4 160, int2 96
 versus 512 for a bf16 cache (1.8x, 3.2x, 5.3x less).
 
 `reference` is the plain jnp version (dequantize, mask, float32 softmax); tests compare the kernel
 against it on CPU in interpret mode (automatic there).
+
+Measured on an H100 (2026-11-23, `experiments/bench_quant.py`, 32k x batch 8): int8 849 us,
+int4 847 us, int2 1091 us vs 362 us for the bf16 dense kernel - still slower than dense (the
+dequantize-and-dot work per field, not the bytes, bounds it: int4 moves 401 GB/s); see
+docs/benchmarks_quant.md for the next steps.
 """
 
 from __future__ import annotations
@@ -44,6 +60,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from pallas_kernels.decode_attention import (
+    check_num_splits,
+    check_warps_stages,
+    combine_splits,
+    launch_config,
+    launch_params,
+    pad_query_groups,
+    partial_shapes,
+    partial_specs,
+    resolve_interpret,
+    whole_head,
+)
 
 Array = jax.Array
 
@@ -74,95 +103,171 @@ def _dot_nn(a: Array, b: Array) -> Array:  # a [M, K] . b [K, N] -> float32 [M, 
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _codes_f32(words: Array, shift, mask: int) -> Array:
-    """float32 codes (words >> shift) & mask via the 2^23 exponent trick (shift int or traced)."""
-    shift = jnp.uint32(shift) if isinstance(shift, int) else shift.astype(jnp.uint32)
-    c = jnp.right_shift(words, shift) & jnp.uint32(mask)
-    return lax.bitcast_convert_type(c | jnp.uint32(_MAGIC), jnp.float32) - _MAGIC_F
+_MANTISSA = 23  # float32 mantissa bits
+_ONE = 0x3F800000  # float32 bits of 1.0
+FAST_WINDOW = 8  # fast unpack: fields sit at mantissa bits >= 8 (error <= scale * 2^-9)
 
 
-def _softmax_step(carry, scores, valids, pv):
-    """Online-softmax update with several score tiles; pv(i, probs) -> per-channel-group outputs."""
+def unpack_plan(bits: int, fast: bool) -> list[tuple[int, list[tuple[int, int]]]]:
+    """Static plan [(shift, [(field j, bit position p), ...]), ...] of one word's P fields.
+
+    Each entry shifts the word once (shift > 0: right, < 0: left, 0: none) and then reads its
+    fields at bit p with one mask/or (see `_field`); p lies in [lo, 23 - bits] with lo = 0
+    (exact) or FAST_WINDOW (fast), so a few shifts per word serve all P fields.
+    """
+    per, lo, top = 32 // bits, FAST_WINDOW if fast else 0, _MANTISSA - bits
+    plan, j = [], 0
+    while j < per:
+        shift = bits * j - lo
+        fields = []
+        while j < per and bits * j - shift <= top:
+            fields.append((j, bits * j - shift))
+            j += 1
+        plan.append((shift, fields))
+    return plan
+
+
+def _shift(words: Array, shift: int) -> Array:
+    if shift > 0:
+        return jnp.right_shift(words, jnp.uint32(shift))
+    if shift < 0:
+        return jnp.left_shift(words, jnp.uint32(-shift))
+    return words
+
+
+def _field(src: Array, bits: int, pos: int, fast: bool) -> tuple[Array, float, float]:
+    """The code at bit `pos` of `src` words as float32 f with code * scale + zero =
+    f * (scale * a) + (zero - scale * b); returns (f, a, b) (a, b static).
+
+    One LOP3 (mask and or into a float's bits), no int->float conversion:
+      exact (a field below bit 23): f = 2^23 + code * 2^pos - 2^23 (one FADD): a = 2^-pos, b = 0;
+      fast: f = 1 + code * 2^(pos - 23) (no FADD): a = b = 2^(23 - pos); the rounding of
+        zero - scale * b costs <= scale * 2^(-1 - pos) (pos >= FAST_WINDOW), below bf16 rounding.
+    """
+    c = src & jnp.uint32((2**bits - 1) << pos)
+    if fast:
+        a = 2.0 ** (_MANTISSA - pos)
+        return lax.bitcast_convert_type(c | jnp.uint32(_ONE), jnp.float32), a, a
+    f = lax.bitcast_convert_type(c | jnp.uint32(_MAGIC), jnp.float32) - _MAGIC_F
+    return f, 2.0**-pos, 0.0
+
+
+def _affine(f: Array, scale: Array, zero: Array, a: float, b: float) -> Array:
+    """f * (scale * a) + (zero - scale * b) (scale, zero broadcast against f; b is 0 or a)."""
+    sa = scale * a
+    return f * sa + (zero - sa if b else zero)
+
+
+def _online_update(carry, s, valid, pv):
+    """One online-softmax step over a score tile s [gp, T] (masked by valid [1, T]).
+
+    pv(probs) -> list of per-channel-group products probs @ v_c, added to the rescaled
+    accumulators."""
     m, den, accs = carry
-    m_new = m
-    for s in scores:
-        m_new = jnp.maximum(m_new, jnp.max(s, axis=1))
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp(m - m_new)
-    den = den * alpha
-    accs = [a * alpha[:, None] for a in accs]
-    for i, (s, valid) in enumerate(zip(scores, valids)):
-        probs = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
-        den = den + jnp.sum(probs, axis=1)
-        accs = [a + c for a, c in zip(accs, pv(i, probs))]
-    return m_new, den, tuple(accs)
+    probs = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
+    den = den * alpha + jnp.sum(probs, axis=1)
+    accs = tuple(a * alpha[:, None] + c for a, c in zip(accs, pv(probs)))
+    return m_new, den, accs
 
 
 def _kernel(
     nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, *rest,
-    bits: int, group: int, vgroup: int, blocks_per_split: int, num_splits: int, sm_scale: float,
-    chunk: int, res_chunk: int, has_residual: bool, unroll: bool,
+    bits: int, group: int, vgroup: int, tile_blocks: int, blocks_per_split: int,
+    num_splits: int, sm_scale: float, res_chunk: int, has_residual: bool, fast: bool,
+    value_split: bool,
 ):
+    """One program: (row b, KV head h, split s). Refs (per (b, h), see `_partials`):
+    kc_ref uint32[Nb, G, D]; ks_ref, kz_ref [Nb, P, D];
+    vc_ref uint32[Nb * G, ncg, Gv] ([Nb * G, D] with value_split); vs_ref, vz_ref flat
+    [Ng * ncg * G]. Accumulators: one [gp, D], or ncg [gp, Gv] with value_split."""
     if has_residual:
         rk_ref, rv_ref, o_ref, m_ref, l_ref = rest
     else:
         o_ref, m_ref, l_ref = rest
     split = pl.program_id(2)
     per = 32 // bits
-    mask = 2**bits - 1
     gp, d = q_ref.shape
     ncg = d // vgroup
+    aw = vgroup if value_split else d  # accumulator width
+    nb = kc_ref.shape[0]
+    nt = tile_blocks
+    rows = nt * group  # word rows (= tokens per code field) of one tile
     q = q_ref[...]
     ddt = q.dtype
     nq = nq_ref[()]
     carry = (
         jnp.full((gp,), NEG, jnp.float32),
         jnp.zeros((gp,), jnp.float32),
-        tuple(jnp.zeros((gp, vgroup), jnp.float32) for _ in range(ncg)),
+        tuple(jnp.zeros((gp, aw), jnp.float32) for _ in range(d // aw)),
     )
-    iota = lax.broadcasted_iota(jnp.int32, (1, group), 1)
-
-    def qblock(blk, carry):
-        kw = kc_ref[pl.ds(blk * group, group), :]  # [G, D] words
-        vws = [vc_ref[pl.ds(blk * group, group), pl.ds(c * vgroup, vgroup)] for c in range(ncg)]
-
-        def chunk_step(j0, carry):  # groups j0 * chunk + [0, chunk) of the block
-            scores, valids = [], []
-            for i in range(chunk):
-                j = j0 * chunk + i
-                gi = blk * per + j
-                ks = ks_ref[pl.ds(gi, 1), :].astype(jnp.float32)  # [1, D]
-                kz = kz_ref[pl.ds(gi, 1), :].astype(jnp.float32)
-                k = _codes_f32(kw, bits * j, mask) * ks + kz  # [G, D]
-                s = _dot_nt(q, k.astype(ddt)) * sm_scale  # [gp, G]
-                valid = gi * group + iota < nq
-                scores.append(jnp.where(valid, s, NEG))
-                valids.append(valid)
-
-            def pv(i, probs):
-                j = j0 * chunk + i
-                gi = blk * per + j
-                out = []
-                for c in range(ncg):
-                    vs = vs_ref[pl.ds(gi * ncg + c, 1), :].astype(jnp.float32)  # [1, G]
-                    vz = vz_ref[pl.ds(gi * ncg + c, 1), :].astype(jnp.float32)
-                    codes = _codes_f32(vws[c], bits * j, mask)  # [G, Gv], exact small integers
-                    pv_c = _dot_nn((probs * vs).astype(ddt), codes.astype(ddt))
-                    out.append(pv_c + jnp.sum(probs * vz, axis=1)[:, None])
-                return out
-
-            return _softmax_step(carry, scores, valids, pv)
-
-        if unroll:  # static shifts and offsets (the compiled path)
-            for j0 in range(per // chunk):
-                carry = chunk_step(j0, carry)
-            return carry
-        return lax.fori_loop(0, per // chunk, chunk_step, carry)  # small programs (interpret)
-
+    t3 = lax.broadcasted_iota(jnp.int32, (rows, 1, 1), 0)
+    c3 = lax.broadcasted_iota(jnp.int32, (1, ncg, 1), 1)
+    # tile row t -> (block n0 + t // G, word row t % G); as a row [1, T] and a column [T, 1]
+    t_row = lax.broadcasted_iota(jnp.int32, (1, rows), 1)
+    t_col = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
     span = per * group
     nblk = (nq + span - 1) // span
     start = split * blocks_per_split
     stop = jnp.where(split < num_splits, jnp.minimum(start + blocks_per_split, nblk), start)
-    carry = lax.fori_loop(start, jnp.maximum(stop, start), qblock, carry)
+    stop = jnp.maximum(stop, start)
+
+    def tile(it, carry):
+        lo = start + it * nt
+        n0 = jnp.minimum(lo, nb - nt)  # the last tile is moved back, never read out of bounds
+        blk_r, blk_c = n0 + t_row // group, n0 + t_col // group
+        w_r, w_c = t_row % group, t_col % group
+        fresh = (blk_r >= lo) & (blk_r < stop)  # blocks of this split not seen by earlier tiles
+        if nt == 1:
+            kw = kc_ref[n0]  # [G, D]
+        else:
+            kw = kc_ref[pl.ds(n0, nt)]  # [nt, G, D]
+        if value_split:  # ncg tiles [T, Gv]
+            vws = [vc_ref[pl.ds(n0 * group, rows), pl.ds(c * vgroup, vgroup)]
+                   for c in range(ncg)]
+        else:  # one tile [T, ncg, Gv]
+            vws = [vc_ref[pl.ds(n0 * group, rows)]]
+        vrow = ((n0 + t3 // group) * per * ncg + c3) * group + t3 % group  # [T, ncg, 1], j = 0
+        for shift, fields in unpack_plan(bits, fast):  # static: shifts and masks constants
+            ksrc = _shift(kw, shift)
+            vsrcs = [_shift(vw, shift) for vw in vws]
+            for j, pos in fields:
+                valid = fresh & ((blk_r * per + j) * group + w_r < nq)  # [1, T]
+                kf, a, b_ = _field(ksrc, bits, pos, fast)
+                if nt == 1:
+                    ks = ks_ref[pl.ds(n0, 1), j, :].astype(jnp.float32)  # [1, D]
+                    kz = kz_ref[pl.ds(n0, 1), j, :].astype(jnp.float32)
+                    k = _affine(kf, ks, kz, a, b_)
+                else:
+                    ks = ks_ref[pl.ds(n0, nt), j, :].astype(jnp.float32)[:, None, :]  # [nt,1,D]
+                    kz = kz_ref[pl.ds(n0, nt), j, :].astype(jnp.float32)[:, None, :]
+                    k = _affine(kf, ks, kz, a, b_).reshape(rows, d)
+                s = _dot_nt(q, k.astype(ddt)) * sm_scale  # [gp, T]
+                s = jnp.where(valid, s, NEG)
+
+                def pv(probs, j=j, pos=pos, vsrcs=vsrcs):
+                    pd = probs.astype(ddt)
+                    if not value_split:  # dequantize [T, ncg, Gv], one [16, T] x [T, D] dot
+                        vf, va, vb = _field(vsrcs[0], bits, pos, fast)
+                        vidx = vrow + j * ncg * group  # [T, ncg, 1]
+                        v = _affine(vf, vs_ref[vidx].astype(jnp.float32),
+                                    vz_ref[vidx].astype(jnp.float32), va, vb)
+                        return [_dot_nn(pd, v.reshape(rows, d).astype(ddt))]
+                    out = []
+                    for c in range(ncg):
+                        vf, va, vb = _field(vsrcs[c], bits, pos, fast)  # [T, Gv]
+                        vidx = ((blk_c * per + j) * ncg + c) * group + w_c  # [T, 1]
+                        vs = vs_ref[vidx].astype(jnp.float32)
+                        vz = vz_ref[vidx].astype(jnp.float32)
+                        out.append(_dot_nn(pd, _affine(vf, vs, vz, va, vb).astype(ddt)))
+                    return out
+
+                carry = _online_update(carry, s, valid, pv)
+        return carry
+
+    ntiles = (stop - start + nt - 1) // nt
+    carry = lax.fori_loop(0, ntiles, tile, carry)
 
     if has_residual:
         nr = nr_ref[()]
@@ -173,24 +278,22 @@ def _kernel(
             s = _dot_nt(q, rk.astype(ddt)) * sm_scale
             valid = c * res_chunk + riota < nr
 
-            def pv(i, probs):
+            def pv(probs):
+                pd = probs.astype(ddt)
                 return [
-                    _dot_nn(
-                        probs.astype(ddt),
-                        rv_ref[pl.ds(c * res_chunk, res_chunk), pl.ds(g * vgroup, vgroup)]
-                        .astype(ddt),
-                    )
-                    for g in range(ncg)
+                    _dot_nn(pd, rv_ref[pl.ds(c * res_chunk, res_chunk),
+                                       pl.ds(g * aw, aw)].astype(ddt))
+                    for g in range(d // aw)
                 ]
 
-            return _softmax_step(carry, [jnp.where(valid, s, NEG)], [valid], pv)
+            return _online_update(carry, jnp.where(valid, s, NEG), valid, pv)
 
         n_rc = jnp.where(split == num_splits, (nr + res_chunk - 1) // res_chunk, 0)
         carry = lax.fori_loop(0, n_rc, rblock, carry)
 
     m, den, accs = carry
-    for c in range(ncg):
-        o_ref[:, pl.ds(c * vgroup, vgroup)] = accs[c]
+    for c in range(d // aw):
+        o_ref[:, pl.ds(c * aw, aw)] = accs[c]
     m_ref[...] = m
     l_ref[...] = den
 
@@ -233,89 +336,89 @@ def _layout(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantized
     return 32 // per, g, d // ncg, hq // h
 
 
-def default_splits(batch: int, num_kv_heads: int, num_blocks: int) -> int:
-    """Splits of the quantized part so that about TARGET_PROGRAMS programs run."""
-    return max(1, min(num_blocks, -(-TARGET_PROGRAMS // (batch * num_kv_heads))))
+def default_splits(batch: int, num_kv_heads: int, num_blocks: int, tile_blocks: int = 1) -> int:
+    """Splits of the quantized part so that about TARGET_PROGRAMS programs run (>= 1 tile each)."""
+    tiles = max(1, num_blocks // max(1, tile_blocks))
+    return max(1, min(tiles, -(-TARGET_PROGRAMS // (batch * num_kv_heads))))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "num_splits", "num_warps", "num_stages", "softmax_chunk",
-                     "unroll", "interpret"),
+    static_argnames=("scale", "block_tokens", "num_splits", "num_warps", "num_stages",
+                     "fast_unpack", "value_split", "interpret"),
 )
 def _partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantized,
-              residual_keys, residual_values, num_residual, *, scale, num_splits, num_warps,
-              num_stages, softmax_chunk, unroll, interpret):
+              residual_keys, residual_values, num_residual, *, scale, block_tokens, num_splits,
+              num_warps, num_stages, fast_unpack, value_split, interpret):
     bits, g, vg, gq = _layout(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                               num_quantized)
     b, hq, d = q.shape
     h, nb = k_codes.shape[1], k_codes.shape[2]
     per = 32 // bits
     ng, ncg = nb * per, d // vg
-    gp = max(MIN_ROWS, 1 << (gq - 1).bit_length())
-    qg = jnp.pad(q.reshape(b, h, gq, d), ((0, 0), (0, 0), (0, gp - gq), (0, 0)))
-    if qg.dtype not in (jnp.bfloat16, jnp.float16):
-        qg = qg.astype(jnp.float32)
-    splits = default_splits(b, h, nb) if num_splits is None else min(num_splits, nb)
-    bps = -(-nb // splits)
-    splits = -(-nb // bps)
+    qg, _, gp = pad_query_groups(q, h, MIN_ROWS)
+    nt = _pow2_floor(min(max(1, block_tokens // g), nb))  # blocks per tile (a power of two)
+    splits = default_splits(b, h, nb, nt) if num_splits is None else min(num_splits, nb)
+    bps = _cdiv(_cdiv(nb, splits), nt) * nt  # blocks per split: whole tiles
+    splits = _cdiv(nb, bps)
     has_res = residual_keys is not None
-    chunk = min(softmax_chunk, per)
     res_chunk = 0
+    kshape = (nb, per, d)
     inputs = [
         num_quantized.astype(jnp.int32),
         (num_residual if has_res else num_quantized).astype(jnp.int32),
         qg,
-        k_codes.reshape(b, h, nb * g, d), k_scale, k_zero,
-        v_codes.reshape(b, h, nb * g, d),
-        v_scale.reshape(b, h, ng * ncg, g), v_zero.reshape(b, h, ng * ncg, g),
+        k_codes, k_scale.reshape(b, h, *kshape), k_zero.reshape(b, h, *kshape),
+        v_codes.reshape((b, h, nb * g, d) if value_split else (b, h, nb * g, ncg, vg)),
+        v_scale.reshape(b, h, ng * ncg * g), v_zero.reshape(b, h, ng * ncg * g),
     ]
-
-    def whole(shape):
-        return pl.BlockSpec((None, None) + tuple(shape), lambda i, j, s: (i, j) + (0,) * len(shape))
 
     in_specs = [
         pl.BlockSpec((None, None), lambda i, j, s: (i, j)),
         pl.BlockSpec((None, None), lambda i, j, s: (i, j)),
-        whole((gp, d)),
-        whole((nb * g, d)), whole((ng, d)), whole((ng, d)),
-        whole((nb * g, d)), whole((ng * ncg, g)), whole((ng * ncg, g)),
+        whole_head((gp, d)),
+        whole_head((nb, g, d)), whole_head(kshape), whole_head(kshape),
+        whole_head((nb * g, d) if value_split else (nb * g, ncg, vg)),
+        whole_head((ng * ncg * g,)), whole_head((ng * ncg * g,)),
     ]
     if has_res:
         r = residual_keys.shape[2]
         res_chunk = next(c for c in (128, 64, 32, 16, 8, 4, 2, 1) if r % c == 0)
         inputs += [residual_keys, residual_values]
-        in_specs += [whole((r, d)), whole((r, d))]
+        in_specs += [whole_head((r, d)), whole_head((r, d))]
     grid_splits = splits + int(has_res)
     kernel = functools.partial(
-        _kernel, bits=bits, group=g, vgroup=vg, blocks_per_split=bps, num_splits=splits,
-        sm_scale=scale, chunk=chunk, res_chunk=res_chunk, has_residual=has_res, unroll=unroll,
+        _kernel, bits=bits, group=g, vgroup=vg, tile_blocks=nt, blocks_per_split=bps,
+        num_splits=splits, sm_scale=scale, res_chunk=res_chunk, has_residual=has_res,
+        fast=fast_unpack, value_split=value_split,
     )
-    params = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        cls = getattr(pltriton, "CompilerParams", None) or pltriton.TritonCompilerParams
-        params["compiler_params"] = cls(num_warps=num_warps, num_stages=num_stages)
     o, m, den = pl.pallas_call(
         kernel,
         grid=(b, h, grid_splits),
         in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, None, None, gp, d), lambda i, j, s: (i, j, s, 0, 0)),
-            pl.BlockSpec((None, None, None, gp), lambda i, j, s: (i, j, s, 0)),
-            pl.BlockSpec((None, None, None, gp), lambda i, j, s: (i, j, s, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, h, grid_splits, gp, d), jnp.float32),
-            jax.ShapeDtypeStruct((b, h, grid_splits, gp), jnp.float32),
-            jax.ShapeDtypeStruct((b, h, grid_splits, gp), jnp.float32),
-        ],
+        out_specs=partial_specs(gp, d),
+        out_shape=partial_shapes(b, h, grid_splits, gp, d),
         interpret=interpret,
         name=f"quantized_decode_attention_int{bits}",
-        **params,
+        **launch_params(num_warps, num_stages, interpret),
     )(*inputs)
     return o[:, :, :, :gq], m[..., :gq], den[..., :gq]
+
+
+# Launch defaults per bit width (H100, 32k x batch 8; `experiments/bench_quant.py --tune`).
+DEFAULT_CONFIG = {
+    8: dict(block_tokens=128, num_warps=16, num_stages=1, value_split=False),
+    4: dict(block_tokens=64, num_warps=8, num_stages=1, value_split=False),
+    2: dict(block_tokens=64, num_warps=8, num_stages=1, value_split=False),
+}
 
 
 def quantized_decode_partials(
@@ -328,22 +431,31 @@ def quantized_decode_partials(
     num_residual: Array | None = None,
     *,
     scale: float | None = None,
+    block_tokens: int | None = None,
     num_splits: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
-    softmax_chunk: int | None = None,
-    unroll: bool | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    fast_unpack: bool | None = None,
+    value_split: bool | None = None,
     interpret: bool | None = None,
 ) -> tuple[Array, Array, Array]:
     """Split-K partials: (o float32[B, Hkv, S, Gq, D], m, l float32[B, Hkv, S, Gq]).
 
     o is the unnormalised output, m the running max and l the softmax denominator of each
     split; the residual window (when given) is the last split. Merge with `combine`.
+
+    Launch parameters (None: `DEFAULT_CONFIG` of the bit width, splits from `default_splits`):
+      block_tokens: word rows per tile = tokens per dot and per softmax step (a power-of-two
+        multiple of G, at most 512); one loop iteration covers block_tokens * P tokens.
+      num_splits: split-K pieces of the quantized part per (row, KV head).
+      num_warps, num_stages: Triton launch parameters (compiled only).
+    fast_unpack: read codes without the FADD of the exact 2^23 trick (`_field`): the zero point
+      absorbs a power-of-two offset, adding an error <= scale * 2^-9 per dequantized element,
+      below the rounding of the bf16/fp16 dot operands. None: on for 16-bit queries, off for
+      float32 (exact).
+    value_split: dequantize values as D / Gv tiles [T, Gv] with one dot each instead of one
+      [T, ncg, Gv] tile reshaped to [T, D] and one dot (an alternative lowering, same result).
     interpret: None runs interpreted on CPU and compiled (Triton) elsewhere.
-    unroll: unroll the groups of a block in Python (static shifts; default when compiled) or loop
-      over them with `lax.fori_loop` (default in interpret mode: small programs, fast compiles).
-    softmax_chunk: groups per online-softmax update (default 8 unrolled, 1 looped).
-    num_warps, num_stages: Triton launch parameters (compiled only).
     """
     if q.ndim != 3:
         raise ValueError(f"q must be [batch, query_heads, head_dim], got shape {q.shape}")
@@ -358,20 +470,27 @@ def quantized_decode_partials(
                 f"residual keys/values must have shape {expect}, got "
                 f"{residual_keys.shape} and {residual_values.shape}"
             )
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    unroll = (not interpret) if unroll is None else bool(unroll)
-    softmax_chunk = (8 if unroll else 1) if softmax_chunk is None else softmax_chunk
-    if softmax_chunk not in (1, 2, 4, 8, 16):
-        raise ValueError(f"softmax_chunk must be one of 1, 2, 4, 8, 16, got {softmax_chunk!r}")
+    check_num_splits(num_splits)
+    bits, g, _, _ = _layout(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+                            num_quantized)
+    cfg = launch_config(DEFAULT_CONFIG[bits], block_tokens=block_tokens, num_warps=num_warps,
+                        num_stages=num_stages)
+    bt = cfg["block_tokens"]
+    if not isinstance(bt, int) or bt < g or bt % g or (bt // g) & (bt // g - 1) or bt > 512:
+        raise ValueError(
+            f"block_tokens must be a power-of-two multiple of the group size ({g}) and at most "
+            f"512, got {bt!r}"
+        )
+    check_warps_stages(cfg["num_warps"], cfg["num_stages"])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _partials(
         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantized,
-        residual_keys, residual_values, num_residual, scale=scale, num_splits=num_splits,
-        num_warps=num_warps, num_stages=num_stages, softmax_chunk=softmax_chunk, unroll=unroll,
-        interpret=bool(interpret),
+        residual_keys, residual_values, num_residual, scale=scale, block_tokens=bt,
+        num_splits=num_splits, num_warps=int(cfg["num_warps"]),
+        num_stages=int(cfg["num_stages"]),
+        fast_unpack=(q.dtype != jnp.float32) if fast_unpack is None else bool(fast_unpack),
+        value_split=bool(cfg["value_split"]) if value_split is None else bool(value_split),
+        interpret=resolve_interpret(interpret),
     )
 
 
@@ -380,16 +499,8 @@ def combine(partials: Sequence[tuple[Array, Array, Array]], dtype=jnp.float32) -
 
     Rows that saw no valid key anywhere return zeros.
     """
-    o = jnp.concatenate([p[0] for p in partials], axis=2)
-    m = jnp.concatenate([p[1] for p in partials], axis=2)
-    den = jnp.concatenate([p[2] for p in partials], axis=2)
-    peak = jnp.max(m, axis=2, keepdims=True)
-    w = jnp.exp(m - peak)
-    num = jnp.sum(w[..., None] * o, axis=2)
-    den = jnp.sum(w * den, axis=2)
-    out = num / jnp.where(den == 0, 1.0, den)[..., None]
-    b, h, gq, d = out.shape
-    return out.reshape(b, h * gq, d).astype(dtype)
+    return combine_splits(*(jnp.concatenate([p[i] for p in partials], axis=2)
+                            for i in range(3)), dtype)
 
 
 def quantized_decode_attention(

@@ -5,6 +5,7 @@ O(1)): the kernel feeds softmax weights to the PV product in the value dtype, as
 attention does, while the reference keeps them in float32.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -56,6 +57,25 @@ def test_kernel_matches_reference(d, g, dtype, lengths, block_k, splits):
     _close(out, ref, dtype)
     for bi, h in zip(*np.nonzero(np.asarray(lengths) == 0)):  # empty heads give zeros
         assert np.all(np.asarray(out, np.float32)[bi, h * g:(h + 1) * g] == 0)
+
+
+@pytest.mark.parametrize("g,splits", [(3, 3), (4, 20)])  # 20 splits: two merge chunks
+def test_pallas_merge_and_split_tail_match_reference(g, splits):
+    q, k, v, lengths, pos = _inputs(5, 2, 2, g, 340, 32, jnp.float32, [[340, 0], [1, 77]],
+                                    holes=True)
+    qpos = jnp.asarray([400, 400], jnp.int32)
+    bias = jnp.asarray(np.random.default_rng(5).random(pos.shape), jnp.float32)
+    kw = dict(kv_positions=pos, q_positions=qpos, kv_bias=bias)
+    out = da.ragged_decode_attention(q, k, v, lengths, block_k=16, num_splits=splits,
+                                     merge="pallas", split_tail=True, **kw)
+    _close(out, da.reference(q, k, v, lengths, **kw), jnp.float32)
+
+
+def test_decode_config_is_valid_for_many_shapes():
+    for b, hkv, cap in ((1, 8, 32768), (8, 8, 32768), (32, 8, 4096), (1, 1, 16)):
+        cfg = da.decode_config(b, hkv, cap)
+        assert 1 <= cfg["num_splits"] <= max(1, cap // cfg["block_k"])
+        assert cfg["merge"] in da.MERGES
 
 
 def test_positions_holes_and_window_match_kvjax_reference():
@@ -158,6 +178,8 @@ def test_bad_inputs_raise_before_launch():
         f(q, k, v, lengths, block_k=48)
     with pytest.raises(ValueError, match="num_splits"):
         f(q, k, v, lengths, num_splits=0)
+    with pytest.raises(ValueError, match="merge"):
+        f(q, k, v, lengths, num_splits=2, merge="atomic")
     with pytest.raises(ValueError, match="together"):
         f(q, k, v, lengths, kv_positions=pos)
     with pytest.raises(ValueError, match="sliding_window"):
@@ -168,3 +190,49 @@ def test_bad_inputs_raise_before_launch():
         f(q, k, v, lengths, kv_bias=jnp.zeros((1, 2, 31)))
     with pytest.raises(ValueError, match="head dim"):
         f(q[..., :48], k[..., :48], v[..., :48], lengths)
+
+
+@pytest.mark.parametrize("splits,merge", [(1, "xla"), (3, "pallas")])
+def test_kernel_lowers_to_triton(splits, merge):
+    """The GPU path (direct single-split output, Pallas merge) lowers to Triton on any host."""
+    sd = jax.ShapeDtypeStruct
+    b, hkv, g, c, d = 2, 2, 4, 256, 128
+    shapes = (sd((b, hkv * g, d), jnp.bfloat16), sd((b, hkv, c, d), jnp.bfloat16),
+              sd((b, hkv, c, d), jnp.bfloat16), sd((b, hkv), jnp.int32),
+              sd((b, hkv, c), jnp.int32), sd((b,), jnp.int32))
+
+    def f(q, k, v, ln, p, qp):
+        return da.ragged_decode_attention(q, k, v, ln, kv_positions=p, q_positions=qp,
+                                          num_splits=splits, merge=merge,
+                                          split_tail=merge == "pallas", interpret=False)
+
+    text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("triton") >= (2 if merge == "pallas" else 1)
+
+
+def test_default_tile_fits_shared_memory_for_float32():
+    """The tuned (bf16-sized) default tile is halved for float32 caches: a float32 256-key tile
+    at 2 stages asked the H100 for 281 KB of shared memory and did not launch."""
+    assert da.fit_block_k(256, 2, 256 * 2) == 256  # bf16, D 128: 128 KB fits
+    assert da.fit_block_k(256, 2, 256 * 4) == 128  # float32: halved
+    assert da.fit_block_k(128, 3, 256 * 4) == 64
+    assert da.fit_block_k(16, 8, 1 << 20) == 16  # never below 16
+
+
+def test_wrapper_halves_default_tile_for_float32(monkeypatch):
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        return args[0]
+
+    monkeypatch.setattr(da, "_decode", fake)
+    monkeypatch.setitem(da.TUNED_DECODE, "few", dict(da.TUNED_DECODE["few"], block_k=256,
+                                                      num_stages=2))
+    for dtype, want in ((jnp.bfloat16, 256), (jnp.float32, 128)):
+        q = jnp.zeros((1, 4, 128), dtype)
+        k = jnp.zeros((1, 1, 4096, 128), dtype)
+        da.ragged_decode_attention(q, k, k, jnp.full((1, 1), 4096, jnp.int32))
+        assert seen["block_k"] == want, (dtype, seen["block_k"])
+    da.ragged_decode_attention(q, k, k, jnp.full((1, 1), 4096, jnp.int32), block_k=256)
+    assert seen["block_k"] == 256  # an explicit tile is the caller's choice

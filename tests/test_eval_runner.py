@@ -135,6 +135,36 @@ def test_sweep_resumes_and_reports(tmp_path, monkeypatch):
     assert os.path.getsize(png) > 1000
 
 
+def test_kept_fraction_of_evict_then_quantize_multiplies():
+    """chain(snapkv, kivi4) stores the evicted set quantized: its measured bytes follow the
+    SnapKV ratio (f32 model, head dim 16, G = R = 16, 1024 tokens: kivi4 alone 0.228; chain
+    0.175, 0.122, 0.069 at ratios 0.25, 0.5, 0.75, against (1 - ratio) x 0.228 = 0.171, 0.114,
+    0.057).
+
+    Exactly: R full-precision slots (132 bytes each) plus the quantized part allocated in
+    blocks of 32 // bits groups of G tokens (the packed layout; 28 bytes per slot). With the
+    defaults (G = 32, R = 128) and 4 bits the block and window are 256 + 128 slots, all of a
+    512-token cache: that is why a 512-token sweep of lm_tiny reports 0.33 at every ratio.
+    """
+    length, g, r_slots, per = 1024, 16, 16, 8
+    samples = T.make_samples("niah_single_1", 2, length, TOK)
+    table = M.method_table()
+    quant = f"kivi4(group_size={g}, residual={r_slots})"
+
+    def expected(capacity: int) -> float:
+        groups = -(-max(capacity - r_slots, 0) // g)
+        slots = max(-(-groups // per) * per, per) * g
+        return (slots * 28 + r_slots * 132 + 8) / (length * 132 + 4)  # + the int32 counts
+
+    alone = runner.kept_fraction(model(), TOK, samples, length, M.build(quant, None, table))
+    assert alone == pytest.approx(expected(length), abs=1e-3)
+    for ratio in (0.25, 0.5, 0.75):
+        comp = M.build(f"chain(snapkv, {quant})", ratio, table)
+        kept = runner.kept_fraction(model(), TOK, samples, length, comp)
+        assert kept == pytest.approx(expected(int(length * (1 - ratio))), abs=1e-3)
+        assert (1 - ratio) * alone < kept < (1 - ratio) * alone + 0.015
+
+
 def test_sweep_checks_names_before_work():
     kw = dict(ratios=[0.5], lengths=[LENGTH], num_samples=1, batch_size=1, table=TABLE,
               progress=False, log=None)

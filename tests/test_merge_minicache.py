@@ -8,8 +8,9 @@ from flax import nnx
 
 import kvjax
 from kvjax import cache as kvcache
-from kvjax.compress.minicache import minicache
+from kvjax.compress.minicache import minicache, minicache_compressor
 from kvjax.compress.minicache import nbytes as minicache_nbytes
+from kvjax.eval import methods
 from kvjax.models import Llama, LlamaConfig
 
 
@@ -110,6 +111,30 @@ def test_decode_after_minicache():
         tok = jnp.argmax(ref, -1).astype(jnp.int32)
     assert (np.asarray(merged.layers[2].lengths) == 14).all()
     assert (np.asarray(merged.layers[3].positions)[..., -2:] == [12, 13]).all()
+
+
+def test_minicache_compressor_in_generate():
+    """`minicache_compressor` = prefill, whole-cache minicache, grow, decode (by hand)."""
+    model = Llama(LlamaConfig.tiny(num_hidden_layers=4, eos_token_id=None), rngs=nnx.Rngs(0))
+    tokens = np.random.default_rng(2).integers(0, 256, (2, 12))
+    out = kvjax.generate(model, tokens, 4, compressor=minicache_compressor(t=0.5))
+    cache, logits = kvjax.prefill(model, tokens)
+    cache = minicache(cache, t=0.5)
+    cache = cache.replace(layers=tuple(kvcache.grow(x, x.capacity + 4) for x in cache.layers))
+    tok, seq = jnp.argmax(logits, -1).astype(jnp.int32), []
+    for _ in range(4):
+        seq.append(tok)
+        logits, cache, _ = kvjax.decode_step(model, cache, tok)
+        tok = jnp.argmax(logits, -1).astype(jnp.int32)
+    np.testing.assert_array_equal(np.asarray(out)[:, 12:], np.stack(seq, 1))
+    comp = methods.build("minicache(t=0.5)", 0.5)
+    assert comp is minicache_compressor(t=0.5)
+    chained = kvjax.compress.chain(kvjax.compress.streaming_llm(budget=8, n_sink=2),
+                                   minicache_compressor())
+    cache, _ = kvjax.prefill(model, tokens, chained)
+    assert type(cache.layers[3]).__name__ == "MiniCacheLayerCache"
+    with pytest.raises(ValueError, match="gamma"):
+        minicache_compressor(gamma=2.0)
 
 
 def test_errors():

@@ -1,4 +1,4 @@
-"""Mustafar format: per-token magnitude pruning vs numpy, bitmap layout, memory, attention,
+"""Mustafar format: per-token magnitude pruning vs numpy, bitmap-word layout, memory, attention,
 decode writes, composition with merging, errors."""
 
 import jax
@@ -23,6 +23,7 @@ from kvjax.sparse.mustafar import (
     densify,
     keep_count,
     mustafar,
+    num_words,
     sparsify,
 )
 
@@ -39,7 +40,7 @@ def _prune_np(x, keep):
 
 
 @settings(max_examples=6, deadline=None)
-@given(d=st.sampled_from([8, 12, 16]), s=st.floats(0, 0.95), seed=st.integers(0, 1000))
+@given(d=st.sampled_from([8, 12, 40, 64]), s=st.floats(0, 0.95), seed=st.integers(0, 1000))
 def test_sparsify_matches_numpy(d, s, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, 3, 5, d)).astype(np.float32)
@@ -52,7 +53,10 @@ def test_sparsify_matches_numpy(d, s, seed):
                                   np.take_along_axis(x, np.sort(order, -1), -1))
     kept = np.zeros(x.shape, bool)
     np.put_along_axis(kept, order, True, -1)
-    np.testing.assert_array_equal(np.asarray(bits), np.packbits(kept, -1, bitorder="little"))
+    assert bits.dtype == jnp.uint32 and bits.shape == x.shape[:-1] + (num_words(d),)
+    packed = np.packbits(kept, -1, bitorder="little")  # bytes, little-endian bits
+    packed = np.pad(packed, [(0, 0)] * 3 + [(0, 4 * num_words(d) - packed.shape[-1])])
+    np.testing.assert_array_equal(np.asarray(bits), packed.view("<u4"))
     np.testing.assert_array_equal(np.asarray(_densify(vals, bits, d)), ref)
 
 

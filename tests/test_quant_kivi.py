@@ -1,6 +1,7 @@
 """KIVI quantized cache: round-trip bounds, packing, residual window, memory, generation."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -254,11 +255,11 @@ def test_grow_keeps_contents_and_full_cache_drops():
 
 @functools.cache
 def _dense_32k():
-    s, d = 32768, 128
-    rng = np.random.default_rng(0)
-    k = jnp.asarray(rng.normal(size=(1, 1, s, d)), jnp.bfloat16)
-    pos = jnp.arange(s, dtype=jnp.int32)[None, None]
-    return LayerCache(k, k * 0.5, jnp.full((1, 1), s, jnp.int32), pos)
+    """One layer of a bf16 model with 8 KV heads of dim 128 (Llama-3-8B's), 32k tokens."""
+    b, h, s, d = 1, 8, 32768, 128
+    k = jax.random.normal(jax.random.key(0), (b, h, s, d), jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, h, s))
+    return LayerCache(k, k * 0.5, jnp.full((b, h), s, jnp.int32), pos)
 
 
 def _payload(qc: QuantizedLayerCache) -> int:
@@ -267,22 +268,29 @@ def _payload(qc: QuantizedLayerCache) -> int:
                    qc.residual_keys, qc.residual_values))
 
 
-@pytest.mark.parametrize("bits,payload_max,total_max", [(2, 0.20, 0.20), (4, 0.32, 0.325)])
-def test_memory_ratio_at_32k(bits, payload_max, total_max):
-    """A bf16 cache of 32k tokens, head dim 128, G = 32, R = 128, bf16 scale/zero.
+@pytest.mark.parametrize("bits,total_max", [(2, 0.20), (4, 0.32)])
+def test_memory_ratio_at_32k(bits, total_max):
+    """A bf16 cache of 32k tokens, 8 KV heads of dim 128, G = 32, R = 128, bf16 scale/zero,
+    positions shared by the heads (a plain prefill: `kivi(bits, head_positions=False)`).
 
-    payload: codes + scales + zeros + residual over bf16 keys + values (2-bit 0.1914,
-    4-bit 0.3164); total: every array of both caches incl. int32 positions and counts
-    (2-bit 0.1977, 4-bit 0.3217: positions add 4 bytes per token to both sides).
+    total: every array of both caches (codes, scales, zeros, residual, int32 positions and
+    counts) over the bf16 LayerCache's keys + values + int32 positions: measured 2-bit 0.1909,
+    4-bit 0.3150. payload (codes + scales + zeros + residual over keys + values): 0.1914,
+    0.3164. Positions per head (`head_positions=True`, needed after per-head eviction) add
+    4 bytes per token and head: 0.1977 and 0.3217 (from the shapes of the same call).
     """
     dense = _dense_32k()
-    qc = from_dense(dense, bits, 32, 128)
-    assert int(qc.lengths[0, 0]) == 32768
+    qc = from_dense(dense, bits, 32, 128, head_positions=False)
+    assert int(qc.lengths.min()) == 32768 and qc.quant_positions.shape == (1, 1, 32768)
     assert qc.k_codes.dtype == jnp.uint32 and qc.k_scale.dtype == jnp.bfloat16
     payload = _payload(qc) / nbytes((dense.keys, dense.values))
     total = nbytes(qc) / nbytes(dense)
-    assert payload <= payload_max and total <= total_max, (payload, total)
+    assert total <= total_max, (payload, total)
     assert payload >= (0.1875 if bits == 2 else 0.3125)  # the floor: no array is missing
+    per_head = jax.eval_shape(lambda: from_dense(dense, bits, 32, 128))
+    assert per_head.quant_positions.shape == (1, 8, 32768)
+    # 32768 quantized slots x 7 more heads x 4 bytes, over 516 bytes per dense token and head
+    assert nbytes(per_head) / nbytes(dense) - total == pytest.approx(3.5 / 516)
 
 
 # --- attention and generation ---------------------------------------------------------------
@@ -318,10 +326,15 @@ def test_8bit_greedy_matches_full_precision(model):
     """8 fixed prompts x 32 greedy tokens on the tiny random model (head dim 16, G = 16, R = 16:
     prompts are mostly quantized and decoding flushes every 16 tokens).
 
-    Teacher-forced (each step sees the full-precision greedy prefix), 8-bit KIVI picks the
-    same token 98.4% of the time (the measured figure); free-running, one early flip changes
-    the rest of a row, and the position-wise match is 73% on this random model (logit gaps
-    of a random model are small: median top-2 gap 0.14 for logits of std 1).
+    Default init: teacher-forced (each step sees the full-precision greedy prefix), 8-bit KIVI
+    picks the same token 98.4% of the time; free-running, one early flip changes the rest of a
+    row and the position-wise match is 73.4% (the median top-2 logit gap is 0.22 for logits of
+    std 1, and ~1.6% of steps have a gap below the 8-bit perturbation).
+
+    Less flat init (stated): the token embedding table scaled by 8, so the residual stream is
+    dominated by the token embedding instead of the random attention mix: free-running 100%
+    (scale 2: 85.5%, 4: 88.7%). The top-2 gaps barely change (median 0.30), the sensitivity
+    to the cache does, so the trained-model test below is the meaningful one.
     """
     comp = kivi(bits=8, group_size=16, residual=16)
     base = np.asarray(kvjax.generate(model, PROMPTS, NEW))
@@ -339,6 +352,37 @@ def test_8bit_greedy_matches_full_precision(model):
     forced = float(np.mean(agree))
     assert forced >= 0.95, forced
     assert free >= 0.6, free
+    peaked = Llama(LlamaConfig.tiny(eos_token_id=None), rngs=nnx.Rngs(0))
+    peaked.embed_tokens.embedding[...] = peaked.embed_tokens.embedding[...] * 8.0
+    base = np.asarray(kvjax.generate(peaked, PROMPTS, NEW))[:, 64:]
+    out = np.asarray(kvjax.generate(peaked, PROMPTS, NEW, compressor=comp))[:, 64:]
+    assert float((out == base).mean()) >= 0.95, float((out == base).mean())
+
+
+def test_8bit_greedy_matches_on_trained_lm_tiny():
+    """The shipped trained lm_tiny (D 32, 2 KV heads, f32): 6 needle prompts of 256 tokens
+    (2 per single-needle task), 24 free-running greedy tokens (no stop at EOS), kivi(8, 32, 32):
+    224 prompt tokens quantized, the window flushes during decoding.
+
+    Measured free-running agreement with full precision: 8-bit 100% here (144 tokens) and 100%
+    over 24 prompts of 512 tokens x 32 tokens with R = 128 and R = 32 (768 tokens); 4-bit 91.0%
+    and 2-bit 55.6% on this test's prompts.
+    """
+    from kvjax.eval import runner, tasks
+    from kvjax.eval.tokenizer import ByteTokenizer
+
+    path = os.path.join(os.path.dirname(kvjax.__file__), "assets", "lm_tiny")
+    lm = kvjax.models.load(path)
+    tok = ByteTokenizer()
+    samples = [s for t in ("niah_single_1", "niah_single_2", "niah_single_3")
+               for s in tasks.make_samples(t, 2, 256, tok, seed=0)]
+    tokens, lengths = runner.encode_prompts(samples, tok, 256)
+    run = functools.partial(kvjax.generate, lm, tokens, 24, lengths=lengths, eos_id=-1)
+    base = np.asarray(run())[:, 256:]
+    out, cache = run(compressor=kivi(8, 32, 32, head_positions=False), return_cache=True)
+    assert int(cache.layers[0].num_quantized.min()) >= 224
+    agree = float((np.asarray(out)[:, 256:] == base).mean())
+    assert agree >= 0.95, agree
 
 
 def test_no_quantization_is_exact(model):
@@ -386,6 +430,47 @@ def test_snapkv_then_kivi(model):
     layer = cache.layers[0]
     assert isinstance(layer, QuantizedLayerCache) and out.shape == (1, 85)
     np.testing.assert_array_equal(np.asarray(layer.lengths), 48 + 4)  # 48 kept + 4 generated
+
+
+def test_shared_positions_match_per_head(model, tmp_path):
+    """kivi(head_positions=False) on a plain prefill (ragged left-padded rows) stores positions
+    once per row and is otherwise the same cache: equal tokens, positions and dequantized
+    contents through decoding flushes, fewer bytes, sharded over "data" only, saved and
+    restored."""
+    tokens, lengths = PROMPTS[:2, :40], np.array([40, 29])
+    run = functools.partial(kvjax.generate, model, tokens, 24, lengths=lengths,
+                            return_cache=True)
+    out_h, per_head = run(compressor=kivi(4, 16, 16))
+    out_s, shared = run(compressor=kivi(4, 16, 16, head_positions=False))
+    np.testing.assert_array_equal(np.asarray(out_s), np.asarray(out_h))
+    for lh, ls in zip(per_head.layers, shared.layers):
+        assert ls.quant_positions.shape[1] == 1 and not ls.head_positions
+        assert lh.quant_positions.shape[1] == 2 and lh.head_positions
+        np.testing.assert_array_equal(np.asarray(ls.num_quantized), np.asarray(lh.num_quantized))
+        np.testing.assert_array_equal(np.asarray(ls.positions), np.asarray(lh.positions))
+        for a, b in zip(jax.tree.leaves(ls.to_dense()), jax.tree.leaves(lh.to_dense())):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(shared.layers[0].num_quantized.min()) >= 32  # decoding flushed groups
+    assert nbytes(shared) < nbytes(per_head)
+    specs = kvjax.sharding.cache_specs(shared.layers[0])
+    assert specs.quant_positions == jax.sharding.PartitionSpec("data")
+    kvjax.cache.save(tmp_path / "c", shared)
+    back = kvjax.cache.restore(tmp_path / "c")
+    np.testing.assert_array_equal(np.asarray(back.layers[0].positions),
+                                  np.asarray(shared.layers[0].positions))
+
+
+def test_shared_positions_refuse_per_head_caches(model):
+    """Outside jit, from_dense checks the premise; chain(eviction, kivi()) stays per head."""
+    dense = _dense(0, 1, 2, 24, 8, [[24, 20]])
+    with pytest.raises(ValueError, match="same tokens"):
+        from_dense(dense, 4, 8, 8, head_positions=False)
+    with pytest.raises(ValueError, match="head_positions must be True or False"):
+        kivi(4, head_positions=0)
+    tokens = np.random.default_rng(2).integers(0, 256, (1, 80))
+    comp = chain(kvjax.compress.snapkv(budget=48, window=8), kivi(2, 16, 16))
+    layer = kvjax.prefill(model, tokens, compressor=comp)[0].layers[0]
+    assert layer.head_positions and layer.quant_positions.shape[:2] == (1, 2)
 
 
 def test_save_restore_round_trip(tmp_path, model):

@@ -118,8 +118,11 @@ def test_save_restore(tmp_path, model):
 
 
 def test_bad_arguments():
+    assert mixed_precision("knorm") is mixed_precision(knorm_scores)  # a name resolves
+    with pytest.raises(ValueError, match="not a kvjax method"):
+        mixed_precision("nosuch")
     with pytest.raises(TypeError, match="scorer must be callable"):
-        mixed_precision("knorm")
+        mixed_precision(3)
     with pytest.raises(ValueError, match="high_fraction"):
         mixed_precision(knorm_scores, high_fraction=0.0)
     with pytest.raises(ValueError, match="bits must be one of"):

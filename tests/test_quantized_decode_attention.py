@@ -65,15 +65,52 @@ def test_kernel_matches_reference(bits, shape):
     assert np.isfinite(np.asarray(out)).all()
 
 
-def test_unrolled_compiled_structure_matches():
-    """The GPU code path (groups unrolled, chunked online softmax) in interpret mode."""
-    bits, b, h, gq, d, g, nb, r = 4, 1, 1, 2, 16, 16, 2, 16
-    arrs = _cache(bits, b, h, d, bits, g, nb, r)
+@pytest.mark.parametrize("block_tokens,splits,value_split", [(16, 2, True), (32, 1, False),
+                                                             (64, 2, True)])
+def test_tile_sizes_and_clamped_last_tile(block_tokens, splits, value_split):
+    """Tiles of 1, 2 and 4 blocks over 5 blocks: the last tile of a split is moved back inside
+    the array and re-reads blocks an earlier tile already counted (they must be masked).
+    Both value paths (one [T, D] tile, or D / Gv tiles)."""
+    bits, b, h, gq, d, g, nb, r = 4, 1, 2, 2, 16, 16, 5, 16
+    arrs = _cache(bits + block_tokens, b, h, d, bits, g, nb, r)
+    arrs["num_quantized"] = jnp.asarray([[nb * 8 * g, 3 * 8 * g + 5]], jnp.int32)
     q = _q(bits + 1, b, h * gq, d)
     args = [arrs[k] for k in ARGS]
-    out = qda.quantized_decode_attention(q, *args, unroll=True, softmax_chunk=4, num_splits=2)
+    out = qda.quantized_decode_attention(q, *args, block_tokens=block_tokens, num_splits=splits,
+                                         value_split=value_split)
     np.testing.assert_allclose(np.asarray(out), np.asarray(qda.reference(q, *args)),
                                rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_field_extraction_is_exact(fast):
+    """Every code field of random words, read by the unpack plan, decodes exactly:
+    f * a - b == code (the kernel computes f * (scale * a) + (zero - scale * b))."""
+    words = jnp.asarray(np.random.default_rng(0).integers(0, 2**32, (64,), dtype=np.uint64)
+                        .astype(np.uint32))
+    for bits in (2, 4, 8):
+        plan = qda.unpack_plan(bits, fast)
+        assert sorted(j for _, fields in plan for j, _ in fields) == list(range(32 // bits))
+        for shift, fields in plan:
+            for j, pos in fields:
+                assert (qda.FAST_WINDOW if fast else 0) <= pos <= 23 - bits
+                f, a, b = qda._field(qda._shift(words, shift), bits, pos, fast)
+                want = (np.asarray(words) >> (bits * j)) & (2**bits - 1)
+                got = np.asarray(f, np.float64) * a - b
+                np.testing.assert_array_equal(got, want.astype(np.float64))
+
+
+def test_fast_unpack_error_is_small():
+    """fast_unpack (the default for 16-bit queries) against the exact path, float32 queries."""
+    bits, b, h, gq, d, g, nb, r = 2, 1, 2, 2, 32, 16, 2, 16
+    arrs = _cache(11, b, h, d, bits, g, nb, r)
+    q = _q(12, b, h * gq, d)
+    args = [arrs[k] for k in ARGS]
+    ref = np.asarray(qda.reference(q, *args))
+    fast = np.asarray(qda.quantized_decode_attention(q, *args, fast_unpack=True))
+    # per element <= scale * 2^-9 on keys and values (scale <= 2/3 here)
+    np.testing.assert_allclose(fast, ref, rtol=0, atol=2e-3)
+    assert np.abs(fast - ref).max() > 0  # the approximation is really in use
 
 
 def test_value_groups_narrower_than_token_groups_and_bf16():
@@ -166,8 +203,14 @@ def test_bad_inputs():
         qda.quantized_decode_attention(q, *args[:8])
     with pytest.raises(ValueError, match="num_splits"):
         qda.quantized_decode_attention(q, *args, num_splits=0)
-    with pytest.raises(ValueError, match="softmax_chunk"):
-        qda.quantized_decode_attention(q, *args, softmax_chunk=3)
+    with pytest.raises(ValueError, match="block_tokens"):
+        qda.quantized_decode_attention(q, *args, block_tokens=48)
+    with pytest.raises(ValueError, match="block_tokens"):
+        qda.quantized_decode_attention(q, *args, block_tokens=8)
+    with pytest.raises(ValueError, match="num_warps"):
+        qda.quantized_decode_attention(q, *args, num_warps=3)
+    with pytest.raises(ValueError, match="num_stages"):
+        qda.quantized_decode_attention(q, *args, num_stages=0)
     with pytest.raises(ValueError, match="residual keys/values"):
         qda.quantized_decode_attention(q, *args[:7], args[7][:, :, :8], args[8], args[9])
 

@@ -69,8 +69,11 @@ def test_resume_is_bit_identical(bf16_model, tmp_path):
     full = _run(bf16_model, str(tmp_path / "full"), steps=4)
     part = _run(bf16_model, str(tmp_path / "resumed"), steps=4, stop_at=2)
     assert part.step == 2
+    compiled = kvtrain._train_step._cache_size()
     resumed = _run(bf16_model, str(tmp_path / "resumed"), steps=4)
     assert resumed.step == 4
+    # restored state hits the jitted step compiled for the fresh run (no recompilation)
+    assert kvtrain._train_step._cache_size() == compiled
     assert [h["step"] for h in resumed.history] == [3, 4]
     assert _same(_arrays(nnx.state(resumed.component)), _arrays(nnx.state(full.component)))
     losses = [json.loads(x)["loss"] for x in open(tmp_path / "resumed" / "metrics.jsonl")]

@@ -65,12 +65,15 @@ class Compressor(NamedTuple):
     decode_capacity: optional `(capacity after prefill, max_new_tokens) -> capacity` used by
     `generate` to size each layer for decoding (default: capacity + max_new_tokens). A method
     that keeps the cache within a budget while generating returns e.g. `budget + 1`.
+    finalize: optional whole-cache step `KVCache -> KVCache`, run once by `prefill`/`generate`
+    after every layer's `prefill` (for methods that act across layers, e.g. MiniCache).
     """
 
     init: Callable[[LayerCache], State]
     prefill: Callable[[LayerCache, Observation, State], tuple[LayerCache, State]]
     decode: Callable[[LayerCache, Observation, State], tuple[LayerCache, State]]
     decode_capacity: Callable[[int, int], int] | None = None
+    finalize: Callable[[Any], Any] | None = None
 
 
 def _keep(cache: LayerCache, obs: Observation, state: State) -> tuple[LayerCache, State]:
@@ -124,7 +127,15 @@ def _chain(compressors: tuple[Compressor, ...]) -> Compressor:
             return capacity + max_new_tokens
         return sized[-1](capacity, max_new_tokens)
 
-    return Compressor(init=init, prefill=prefill, decode=decode, decode_capacity=decode_capacity)
+    finals = [c.finalize for c in compressors if c.finalize is not None]
+
+    def finalize(cache):
+        for f in finals:
+            cache = f(cache)
+        return cache
+
+    return Compressor(init=init, prefill=prefill, decode=decode, decode_capacity=decode_capacity,
+                      finalize=finalize if finals else None)
 
 
 def decode_capacity(compressor: Compressor, capacity: int, max_new_tokens: int) -> int:

@@ -39,11 +39,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from kvjax.attention import attention_probs
 from kvjax.cache import LayerCache
 from kvjax.compress.base import Compressor, Observation, State, keep_topk, valid_slots
+from kvjax.compress.scorer import (
+    check_budget_args,
+    check_int,
+    n_kept,
+    window_attention,
+)
 
 Array = jax.Array
 Scorer = Callable[[LayerCache, Observation], Array]
@@ -73,11 +77,10 @@ def window_attention_scores(cache: LayerCache, obs: Observation, window: int = 3
     Averaged over the queries and the GQA group (SnapKV's statistic without pooling). Padding
     queries (position -1) are excluded from the mean.
     """
-    q = obs.queries[:, :, -window:]
+    probs = window_attention(cache, obs, window)  # [B, Hq, T, C]
     qpos = obs.query_positions[:, -window:]
-    b, hq, t, _ = q.shape
+    b, hq, t, _ = probs.shape
     h = cache.num_heads
-    probs = attention_probs(q, qpos, cache, obs.scale, obs.sliding_window)
     probs = probs.reshape(b, h, hq // h, t, cache.capacity)
     n = jnp.maximum(jnp.sum(qpos >= 0, axis=1), 1).astype(jnp.float32)  # [B]
     return jnp.sum(probs, axis=(2, 3)) / (hq // h) / n[:, None, None]
@@ -90,17 +93,9 @@ def recent_mask(cache: LayerCache, window: int) -> Array:
 
 
 def check_budget(budget: Any, compression_ratio: Any) -> None:
-    """Exactly one of an int budget >= 1 or a compression_ratio in [0, 1)."""
-    if (budget is None) == (compression_ratio is None):
-        raise ValueError("give exactly one of budget (int >= 1) or compression_ratio in [0, 1)")
-    if budget is not None and (
-        not isinstance(budget, (int, np.integer)) or isinstance(budget, bool) or budget < 1
-    ):
-        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
-    if compression_ratio is not None and not (
-        isinstance(compression_ratio, (int, float)) and 0 <= compression_ratio < 1
-    ):
-        raise ValueError(f"compression_ratio must be a float in [0, 1), got {compression_ratio!r}")
+    """Exactly one of an int budget >= 1 or a compression_ratio in [0, 1) (`check_budget_args`
+    of score-based eviction)."""
+    check_budget_args(compression_ratio, budget)
 
 
 def resolve_budget(capacity: int, budget: int | None, compression_ratio: float | None,
@@ -112,12 +107,7 @@ def resolve_budget(capacity: int, budget: int | None, compression_ratio: float |
     """
     if budget is not None:
         return int(min(budget, capacity + extra))
-    return max(1, int(capacity * (1 - compression_ratio)))
-
-
-def check_int(name: str, value: Any, low: int) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return n_kept(capacity, compression_ratio)
 
 
 def check_float(name: str, value: Any, low: float, high: float) -> None:

@@ -33,6 +33,7 @@ memory under jit needs the model to resolve the shared store from the partner la
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -44,6 +45,7 @@ from flax import struct
 from kvjax import attention as kvattention
 from kvjax import cache as kvcache
 from kvjax.cache import KVCache, LayerCache, register_cache_type
+from kvjax.compress.base import Compressor, identity
 
 Array = jax.Array
 
@@ -260,6 +262,29 @@ def minicache(
         r = max(1, math.ceil(max_retained * a.capacity)) if max_retained > 0 else 0
         layers[lo], layers[lo + 1] = _merge_jit(a, b, float(t), float(gamma), r)
     return cache.replace(layers=tuple(layers))
+
+
+@functools.cache
+def minicache_compressor(
+    start_layer: int | None = None,
+    t: float = 0.6,
+    gamma: float = 0.05,
+    max_retained: float = 0.1,
+) -> Compressor:
+    """MiniCache as a Compressor: `minicache(cache, ...)` as the whole-cache `finalize` step.
+
+    `prefill`/`generate` run it once after the prompt is cached (per-layer steps are identity),
+    so `kvjax.generate(model, tokens, n, compressor=minicache_compressor())` and
+    `chain(snapkv(...), minicache_compressor())` work; evaluation sweeps name it "minicache".
+    Arguments as in `minicache` (checked when the cache is known).
+    """
+    for name, v in (("t", t), ("gamma", gamma), ("max_retained", max_retained)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
+            raise ValueError(f"{name} must be a float in [0, 1], got {v!r}")
+    ident = identity()
+    return ident._replace(finalize=functools.partial(
+        minicache, start_layer=start_layer, t=float(t), gamma=float(gamma),
+        max_retained=float(max_retained)))
 
 
 def _merge_impl(a, b, t, gamma, r):

@@ -27,7 +27,7 @@ from kvjax.compress.base import Compressor, chain
 
 Factory = Callable[..., Compressor]
 PACKAGES = ("kvjax.compress", "kvjax.quant", "kvjax.sparse", "kvjax.lowrank", "kvjax.learned")
-ALIASES = {"full": "identity"}
+ALIASES = {"full": "identity", "minicache": "minicache_compressor"}
 
 
 def _is_factory(fn: Any) -> bool:

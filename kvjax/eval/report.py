@@ -74,8 +74,11 @@ def plot_accuracy(results: Mapping[str, Any], path: str, title: str | None = Non
 
     rows = summary(results)
     lengths = sorted({r["length"] for r in rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths) + 2.5, 4.5),
+    n_methods = len({r["method"] for r in rows})
+    height = max(4.5, 0.19 * n_methods + 0.8)  # room for a legend entry per method
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths) + 3.5, height),
                              squeeze=False)
+    x_max = max([1.0] + [r["kept_fraction"] for r in rows]) * 1.05
     styles = [(m, ls) for ls in ("-", "--", ":") for m in "osD^v<>"]
     for ax, length in zip(axes[0], lengths):
         lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -92,7 +95,7 @@ def plot_accuracy(results: Mapping[str, Any], path: str, title: str | None = Non
                 ax.plot(xs, ys, marker=marker, linestyle=style, label=method)
         ax.set_xlabel("kept fraction of cache bytes")
         ax.set_ylabel("accuracy (%)")
-        ax.set_xlim(0, 1.05)
+        ax.set_xlim(0, x_max)
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
         ax.set_title(title or f"{length} tokens")

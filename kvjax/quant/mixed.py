@@ -179,7 +179,7 @@ def split_by_importance(
 
 
 def mixed_precision(
-    scorer: Callable[..., Array],
+    scorer: Callable[..., Array] | str,
     high_fraction: float = 0.2,
     high_bits: int | None = 8,
     low_bits: int = 2,
@@ -192,15 +192,21 @@ def mixed_precision(
 
     Args:
       scorer: `scorer(cache, obs, **scorer_params) -> [B, Hkv, C]` importance (higher kept at
-        high precision), e.g. `kvjax.compress.knorm.knorm_scores`.
+        high precision), e.g. `kvjax.compress.knorm.knorm_scores`, or a method name whose
+        `<name>_scores` function is the scorer ("snapkv", "knorm", ...; as in `adakv`), so a
+        sweep can name it: "mixed_precision('snapkv', high_fraction=0.2)".
       high_fraction: share of the tokens outside the residual window kept at high precision,
         in (0, 1] (a static budget from the prompt's capacity, as eviction budgets are).
       high_bits: 8, 4 or 2 (KIVI layout, window left empty), or None for full precision.
       low_bits: 2, 4 or 8 for the other tokens.
       group_size, residual, scale_dtype: as in `kivi`.
     """
+    if isinstance(scorer, str):
+        from kvjax.compress.adakv import resolve_scorer
+
+        scorer = resolve_scorer(scorer)
     if not callable(scorer):
-        raise TypeError(f"scorer must be callable, got {type(scorer).__name__}")
+        raise TypeError(f"scorer must be callable or a method name, got {type(scorer).__name__}")
     if not isinstance(high_fraction, (int, float)) or not 0 < high_fraction <= 1:
         raise ValueError(f"high_fraction must be in (0, 1], got {high_fraction!r}")
     if high_bits is not None:

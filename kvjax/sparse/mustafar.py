@@ -7,13 +7,14 @@ paper's best strategy for both K and V), the rest become zero; sparsity s in [0,
 0.7 ("up to 70% without accuracy loss").
 
 Format (`MustafarLayerCache`), per token and head:
-    *_vals  [B, H, C, k]          the kept entries in channel order (cache dtype)
-    *_bits  uint8[B, H, C, D / 8] bitmap; bit j of byte i (little-endian) = channel 8 i + j kept
+    *_vals  [B, H, C, k]                  the kept entries in channel order (cache dtype)
+    *_bits  uint32[B, H, C, ceil(D / 32)] bitmap words; bit j of word i = channel 32 i + j kept
 Because k is the same for every token, the packed values need no offsets: the i-th set bit of a
-token's bitmap is its i-th value (rank = prefix popcount). Bytes per token and head (bf16,
+token's bitmap is its i-th value (rank = popcount of the bits below it, word by word: what the
+GPU kernel computes per element without a prefix sum). Bytes per token and head (bf16,
 D = 128): dense 256; s = 0.5: 128 + 16 = 144 (56%); s = 0.7: 76 + 16 = 92 (36%), for keys and
-values alike. (The paper's format uses tiles with offsets and a dense local window; its
-reported footprint is "down to 45% of dense".)
+values alike (the bitmap is D / 8 bytes when D is a multiple of 32). (The paper's format uses
+tiles with offsets and a dense local window; its reported footprint is "down to 45% of dense".)
 
 Attention: `pallas_kernels.sparse_decode_attention` decodes directly over this format on GPU
 (one query token per row; `impl="auto"`); the reference decompresses and runs the dense
@@ -52,8 +53,16 @@ def keep_count(head_dim: int, sparsity: float) -> int:
     return max(1, head_dim - int(round(sparsity * head_dim)))
 
 
+WORD = 32  # bits per bitmap word
+
+
+def num_words(d: int) -> int:
+    """Bitmap words per vector of d channels."""
+    return -(-d // WORD)
+
+
 def sparsify(x: Array, keep: int) -> tuple[Array, Array]:
-    """Per-token magnitude pruning of x [..., D] -> (vals [..., keep], bits uint8[..., D/8]).
+    """Per-token magnitude pruning of x [..., D] -> (vals [..., keep], uint32[..., ceil(D/32)]).
 
     Ties keep the lower channel (jax.lax.top_k order).
     """
@@ -67,17 +76,17 @@ def sparsify(x: Array, keep: int) -> tuple[Array, Array]:
 
 
 def pack_bits(mask: Array, d: int) -> Array:
-    """bool[..., D] -> uint8[..., ceil(D / 8)], little-endian within each byte."""
-    nb = -(-d // 8)
-    m = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, nb * 8 - d)])
-    m = m.reshape(mask.shape[:-1] + (nb, 8)).astype(jnp.uint8)
-    return jnp.sum(m << jnp.arange(8, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
+    """bool[..., D] -> uint32[..., ceil(D / 32)]; bit j of word i = channel 32 i + j."""
+    nw = num_words(d)
+    m = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, nw * WORD - d)])
+    m = m.reshape(mask.shape[:-1] + (nw, WORD)).astype(jnp.uint32)
+    return jnp.sum(m << jnp.arange(WORD, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
 
 
 def unpack_bits(bits: Array, d: int) -> Array:
-    """uint8[..., ceil(D / 8)] -> bool[..., D]."""
-    shifts = jnp.arange(8, dtype=jnp.uint8)
-    m = (bits[..., None] >> shifts) & jnp.uint8(1)
+    """uint32[..., ceil(D / 32)] -> bool[..., D]."""
+    shifts = jnp.arange(WORD, dtype=jnp.uint32)
+    m = (bits[..., None] >> shifts) & jnp.uint32(1)
     return m.reshape(bits.shape[:-1] + (-1,))[..., :d].astype(bool)
 
 
@@ -91,7 +100,7 @@ def densify(vals: Array, bits: Array, d: int) -> Array:
 
 @struct.dataclass
 class MustafarLayerCache:
-    """Sparse K/V: *_vals [B, H, C, k], *_bits uint8[B, H, C, D/8] (module docstring)."""
+    """Sparse K/V: *_vals [B, H, C, k], *_bits uint32[B, H, C, ceil(D/32)] (module docstring)."""
 
     k_vals: Array
     k_bits: Array
@@ -189,7 +198,7 @@ def _attend(q, q_positions, layer, scale=None, sliding_window=None, impl="auto")
         if sda.supported(layer.head_dim, layer.value_dim):
             out = sda.sparse_decode_attention(
                 q[:, :, 0], layer.k_vals, layer.k_bits, layer.v_vals, layer.v_bits,
-                layer.lengths, scale=scale,
+                layer.lengths, scale=scale, value_dim=layer.value_dim,
                 bias=attention_bias(layer, sliding_window, q_positions[:, 0]),
             )
             return out[:, :, None]
@@ -225,6 +234,6 @@ def mustafar(
 
 
 def bytes_per_token(head_dim: int, sparsity: float, itemsize: int = 2) -> int:
-    """Stored bytes of one vector: packed values + bitmap (dense: head_dim * itemsize)."""
-    return keep_count(head_dim, sparsity) * itemsize + -(-head_dim // 8)
+    """Stored bytes of one vector: packed values + bitmap words (dense: head_dim * itemsize)."""
+    return keep_count(head_dim, sparsity) * itemsize + 4 * num_words(head_dim)
 

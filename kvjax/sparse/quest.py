@@ -12,8 +12,12 @@ never rescans the cache. At decode, page p of KV head h gets the upper bound
 our GQA adaptation: the paper's models are MHA), the top `token_budget / page_size` pages are
 selected (the page holding the newest token is always kept), and attention reads only those
 pages: `pallas_kernels.block_sparse_attention.block_sparse_decode` on GPU, its jnp reference
-elsewhere. Prefill (Tq > 1) stays dense, and so do the first `dense_layers` layers (the paper
-keeps the first two layers dense: their attention is not sparse).
+elsewhere. On GPU the selection itself runs as two Pallas kernels
+(`pallas_kernels.quest_select`: fused bounds, then a sort-free exact top-k giving ascending
+page lists); elsewhere as jnp (`page_scores` matmuls, `lax.top_k`, sort). Both pick the same
+pages (ties to the lower page id). Prefill (Tq > 1) stays dense, and so do the first
+`dense_layers` layers (the paper keeps the first two layers dense: their attention is not
+sparse).
 
 Defaults as in the paper: page_size=16, dense_layers=2; token_budget 1024 (the paper sweeps
 256-4096). Memory: the summaries add 2 / page_size of the key bytes (1/8 at 16-token pages).
@@ -169,39 +173,41 @@ def from_layer(layer: LayerCache, *, page_size: int = 16,
 
 
 def page_scores(q: Array, page_min: Array, page_max: Array, lengths: Array,
-                page_size: int) -> Array:
+                page_size: int, impl: str = "jnp") -> Array:
     """float32[B, Hkv, NP] Quest upper bounds (max over each KV head's G query heads).
 
     q [B, Hq, D] (scale omitted: it does not change the ranking). Pages past the head's length
-    get -inf; the page holding the newest token gets +inf (always kept).
+    get -inf; the page holding the newest token gets +inf (always kept). impl "jnp": two
+    batched matmuls (exact for bf16 q and summaries, float32 accumulation); "pallas": the same
+    bound in one fused kernel (`pallas_kernels.quest_select.page_scores`).
     """
-    b, hq, d = q.shape
-    hkv, npg = page_min.shape[1], page_min.shape[2]
-    qg = q.reshape(b, hkv, hq // hkv, d)
-    # max(q_d lo_d, q_d hi_d) = relu(q_d) hi_d + min(q_d, 0) lo_d since hi >= lo: two batched
-    # matmuls (float32 accumulation) that read each summary once; an elementwise max-reduce
-    # re-reads the summaries once per query head. Exact for bf16 q and summaries.
-    mm = functools.partial(jnp.einsum, "bhgd,bhpd->bhgp", preferred_element_type=jnp.float32,
-                           precision=jax.lax.Precision.HIGHEST)
-    dt = page_max.dtype
-    bound = mm(jnp.maximum(qg, 0).astype(dt), page_max) + mm(
-        jnp.minimum(qg, 0).astype(dt), page_min)  # [B, Hkv, G, NP]
-    score = jnp.max(bound, axis=2)
-    page = jnp.arange(npg)[None, None, :]
-    last = (lengths[:, :, None] - 1) // page_size
-    score = jnp.where(page == last, jnp.inf, score)
-    return jnp.where(page * page_size < lengths[:, :, None], score, -jnp.inf)
+    from pallas_kernels import quest_select as qs
+
+    _check_impl(impl)
+    if impl == "pallas":
+        return qs.page_scores(q, page_min, page_max, lengths, page_size)
+    return qs.reference_page_scores(q, page_min, page_max, lengths, page_size)
 
 
-def select_pages(q: Array, layer: QuestLayerCache) -> tuple[Array, Array]:
-    """(int32[B, Hkv, K] selected page ids, ascending; int32[B, Hkv] counts), K = max_pages."""
-    score = page_scores(q, layer.page_min, layer.page_max, layer.lengths, layer.page_size)
+def select_pages(q: Array, layer: QuestLayerCache, impl: str = "jnp") -> tuple[Array, Array]:
+    """(int32[B, Hkv, K] selected page ids, ascending; int32[B, Hkv] counts), K = max_pages.
+
+    impl "jnp": `page_scores` + `lax.top_k` + sort; "pallas": the fused score kernel and the
+    sort-free top-k kernel of `pallas_kernels.quest_select` (same pages; heads of more than
+    `MAX_SELECT_PAGES` pages use `lax.top_k`).
+    """
+    from pallas_kernels import quest_select as qs
+
+    score = page_scores(q, layer.page_min, layer.page_max, layer.lengths, layer.page_size, impl)
     k = layer.max_pages
-    top, idx = jax.lax.top_k(score, k)
-    ok = top > -jnp.inf
-    idx = jnp.sort(jnp.where(ok, idx, layer.num_pages), axis=-1)  # unused entries last
-    count = jnp.sum(ok, axis=-1).astype(jnp.int32)
-    return jnp.where(idx < layer.num_pages, idx, 0).astype(jnp.int32), count
+    if impl == "pallas" and 1 << max(0, layer.num_pages - 1).bit_length() <= qs.MAX_SELECT_PAGES:
+        return qs.top_pages(score, k)
+    return qs.reference_top_pages(score, k)
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in ("jnp", "pallas"):
+        raise ValueError(f"impl must be 'jnp' or 'pallas', got {impl!r}")
 
 
 def quest_attend(
@@ -214,8 +220,10 @@ def quest_attend(
 ) -> Array:
     """Attention over a QuestLayerCache: dense for Tq > 1, top-k pages at decode (Tq == 1).
 
-    impl="auto" uses the Pallas block-sparse decode kernel on GPU (power-of-two head dims,
-    one dtype among bf16/fp16/fp32); "reference" the jnp path with the same page selection.
+    impl="auto" on GPU (power-of-two head dims, one dtype among bf16/fp16/fp32) selects pages
+    with the Pallas kernels of `pallas_kernels.quest_select` and attends with the block-sparse
+    decode kernel (launch parameters from `quest_select.TUNED_QUEST`); "reference" (and any
+    CPU/TPU call) the jnp selection and the jnp block-sparse reference.
     """
     if q.shape[-1] != layer.head_dim:
         raise ValueError(f"q head dim {q.shape[-1]} != cache head dim {layer.head_dim}")
@@ -223,15 +231,17 @@ def quest_attend(
         return attention.dense_attend(q, q_positions, layer.dense(), scale, sliding_window,
                                       impl)
     from pallas_kernels import block_sparse_attention as bsa
+    from pallas_kernels import quest_select as qs
 
-    idx, count = select_pages(q[:, :, 0], layer)
+    kernel = impl == "auto" and attention.use_decode_kernel(q, layer.dense())
+    idx, count = select_pages(q[:, :, 0], layer, "pallas" if kernel else "jnp")
     kwargs = dict(block_size=layer.page_size, kv_positions=layer.positions,
                   q_positions=q_positions[:, 0], kv_bias=layer.slot_data.get("log_count"),
                   scale=scale, sliding_window=sliding_window)
     args = (q[:, :, 0], layer.keys, layer.values, layer.lengths, idx, count)
-    if impl == "auto" and attention.use_decode_kernel(q, layer.dense()):
-        out = bsa.block_sparse_decode(*args, block_k=max(16, min(64, layer.page_size * 4)),
-                                      **kwargs)
+    if kernel:
+        out = bsa.block_sparse_decode(*args, block_k=qs.TUNED_QUEST["block_k"],
+                                      list_mode=qs.TUNED_QUEST["list_mode"], **kwargs)
     else:
         out = bsa.reference_decode(*args, **kwargs)
     return out[:, :, None]
