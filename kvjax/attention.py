@@ -104,18 +104,26 @@ def reference_attention(
     Long query sets are processed QUERY_BLOCK queries at a time (`lax.map`), so the float32
     score matrix held at once is [B, Hq, QUERY_BLOCK, C] rather than [B, Hq, Tq, C].
     """
+    return in_query_blocks(
+        lambda qb, pb: _reference_block(qb, pb, layer, scale, sliding_window), q, q_positions)
+
+
+def in_query_blocks(fn: Callable[[Array, Array], Array], q: Array, q_positions: Array) -> Array:
+    """`fn(q_block, positions_block) -> [B, Hq, blk, Dv]` over QUERY_BLOCK queries at a time.
+
+    q: [B, Hq, Tq, D], q_positions: int32[B, Tq]; one call when Tq <= QUERY_BLOCK, else a
+    `lax.map` over padded blocks (padding queries get position -1). Returns [B, Hq, Tq, Dv].
+    """
     b, hq, t, d = q.shape
     if t <= QUERY_BLOCK:
-        return _reference_block(q, q_positions, layer, scale, sliding_window)
+        return fn(q, q_positions)
     n = -(-t // QUERY_BLOCK)
     pad = n * QUERY_BLOCK - t
     qb = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0)))
     qb = qb.reshape(b, hq, n, QUERY_BLOCK, d).transpose(2, 0, 1, 3, 4)
     pb = jnp.pad(q_positions, ((0, 0), (0, pad)), constant_values=-1)
     pb = pb.reshape(b, n, QUERY_BLOCK).transpose(1, 0, 2)
-    out = jax.lax.map(
-        lambda xs: _reference_block(xs[0], xs[1], layer, scale, sliding_window), (qb, pb)
-    )
+    out = jax.lax.map(lambda xs: fn(xs[0], xs[1]), (qb, pb))
     out = out.transpose(1, 2, 0, 3, 4).reshape(b, hq, n * QUERY_BLOCK, -1)
     return out[:, :, :t]
 

@@ -351,20 +351,8 @@ def reference_attention(
     Same semantics as `kvjax.attention.reference_attention` on the equivalent dense cache
     (`to_dense`); long query sets run `attention.QUERY_BLOCK` queries at a time.
     """
-    b, hq, t, d = q.shape
-    blk = attention.QUERY_BLOCK
-    if t <= blk:
-        return _reference_block(q, q_positions, layer, scale, sliding_window)
-    n = -(-t // blk)
-    pad = n * blk - t
-    qb = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    qb = qb.reshape(b, hq, n, blk, d).transpose(2, 0, 1, 3, 4)
-    pb = jnp.pad(q_positions, ((0, 0), (0, pad)), constant_values=-1)
-    pb = pb.reshape(b, n, blk).transpose(1, 0, 2)
-    out = jax.lax.map(
-        lambda xs: _reference_block(xs[0], xs[1], layer, scale, sliding_window), (qb, pb)
-    )
-    return out.transpose(1, 2, 0, 3, 4).reshape(b, hq, n * blk, -1)[:, :, :t]
+    return attention.in_query_blocks(
+        lambda qb, pb: _reference_block(qb, pb, layer, scale, sliding_window), q, q_positions)
 
 
 def headwise_attend(
