@@ -633,7 +633,7 @@ def bench_config(b, ctx, hkv, g, d, copy_bw, best, best_bs, torch_ok, small):
     if ctx == 32768:
         record("kernel_nopos", _try("kernel_nopos", time_jax, kern_nopos, qs, kset, reps),
                kv_bytes)
-    res["kernel_config"] = da.decode_config(b, hkv, ctx)
+    res["kernel_config"] = da.decode_config(b, hkv, ctx, 2 * d * 2)  # bf16 K + V
 
     def ref(q, k, v, ln, p, qp):
         layer = attention.LayerCache(k, v, ln, p)

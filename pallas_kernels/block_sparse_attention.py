@@ -111,10 +111,14 @@ def sparse_splits(batch: int, kv_heads: int, max_blocks: int, block_size: int, b
     return int(max(1, min(want, steps // min_steps, max_blocks)))
 
 
-def decode_config(batch: int, kv_heads: int, max_blocks: int, block_size: int) -> dict[str, Any]:
-    """Launch config {block_k, num_warps, num_stages, list_mode, merge, num_splits}."""
+def decode_config(batch: int, kv_heads: int, max_blocks: int, block_size: int,
+                  row_bytes: int = 0) -> dict[str, Any]:
+    """Launch config {block_k, num_warps, num_stages, list_mode, merge, num_splits}.
+
+    row_bytes: K + V bytes per key (0: unknown); the tuned tile is halved to fit shared memory
+    (`decode_attention.fit_block_k`: float32 caches need half the bf16 tile)."""
     t = _regime(batch, kv_heads)
-    bk = int(t["block_k"])
+    bk = fit_block_k(int(t["block_k"]), int(t["num_stages"]), row_bytes)
     return {"block_k": bk, "num_warps": int(t["num_warps"]), "num_stages": int(t["num_stages"]),
             "list_mode": str(t["list_mode"]), "merge": str(t.get("merge", "xla")),
             "num_splits": sparse_splits(batch, kv_heads, max_blocks, block_size, bk,
@@ -642,19 +646,15 @@ def block_sparse_decode(
         raise ValueError(f"kv_bias must be float[{b}, {hkv}, {cap}], got {kv_bias.dtype}"
                          f"{list(kv_bias.shape)}")
     n = block_indices.shape[-1]
-    cfg = launch_config(decode_config(b, hkv, n, block_size), block_k=block_k,
+    row_bytes = (keys.shape[-1] + values.shape[-1]) * keys.dtype.itemsize
+    cfg = launch_config(decode_config(b, hkv, n, block_size, row_bytes), block_k=block_k,
                         num_warps=num_warps, num_stages=num_stages, list_mode=list_mode,
                         merge=merge)
-    row_bytes = (keys.shape[-1] + values.shape[-1]) * keys.dtype.itemsize
-    fitted = block_k is not None or (
-        fit_block_k(cfg["block_k"], cfg["num_stages"], row_bytes) == cfg["block_k"])
-    if not fitted:  # a default tile too large for this dtype (float32): halve it
-        cfg["block_k"] = fit_block_k(cfg["block_k"], cfg["num_stages"], row_bytes)
     _check_launch(cfg["block_k"], cfg["num_warps"], cfg["num_stages"])
     check_choice("list_mode", cfg["list_mode"], LIST_MODES)
     check_choice("merge", cfg["merge"], MERGES)
     if num_splits is None:
-        num_splits = cfg["num_splits"] if block_k is None and fitted else sparse_splits(
+        num_splits = cfg["num_splits"] if block_k is None else sparse_splits(
             b, hkv, n, block_size, cfg["block_k"], **_split_params(b, hkv))
     check_num_splits(num_splits)
     mode = cfg["list_mode"]

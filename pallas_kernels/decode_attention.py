@@ -395,14 +395,19 @@ def _regime(batch: int, kv_heads: int) -> dict[str, Any]:
     return TUNED_DECODE[regime(batch, kv_heads)]
 
 
-def decode_config(batch: int, kv_heads: int, capacity: int) -> dict[str, Any]:
+def decode_config(batch: int, kv_heads: int, capacity: int, row_bytes: int = 0
+                  ) -> dict[str, Any]:
     """Launch config {block_k, num_warps, num_stages, num_splits, merge, split_tail} for a shape.
 
     capacity: the longest a head can be (C, or the pool size). Picks the `TUNED_DECODE` regime
-    from the number of (row, KV head) pairs against the SM count.
+    from the number of (row, KV head) pairs against the SM count. row_bytes: K + V bytes per key
+    (0: unknown); the tuned tile is halved to fit shared memory (`fit_block_k`) and, above 16
+    keys, to the capacity (the tuned 256-key tile is for long caches).
     """
     t = _regime(batch, kv_heads)
-    bk = int(t["block_k"])
+    bk = fit_block_k(int(t["block_k"]), int(t["num_stages"]), row_bytes)
+    while bk > 16 and bk > capacity:
+        bk //= 2
     return {"block_k": bk, "num_warps": int(t["num_warps"]), "num_stages": int(t["num_stages"]),
             "num_splits": default_splits(batch, kv_heads, max(capacity, 1), bk,
                                          float(t["programs_per_sm"])),
@@ -668,21 +673,17 @@ def ragged_decode_attention(
     _check(q, keys, values, lengths, offsets, kv_positions, q_positions, sliding_window, kv_bias)
     b, hkv = lengths.shape
     span = keys.shape[1] if offsets is not None else keys.shape[2]  # longest possible head
-    cfg = launch_config(decode_config(b, hkv, span), block_k=block_k, num_warps=num_warps,
+    d, dv = q.shape[-1], values.shape[-1]
+    row_bytes = (d + dv) * keys.dtype.itemsize
+    cfg = launch_config(decode_config(b, hkv, span, row_bytes), block_k=block_k,
+                        num_warps=num_warps,
                         num_stages=num_stages, merge=merge, split_tail=split_tail)
     check_choice("merge", cfg["merge"], MERGES)
-    d, dv = q.shape[-1], values.shape[-1]
-    fitted = True
-    if block_k is None:  # a default tile too large for this dtype or cache: halve it
-        bk = fit_block_k(cfg["block_k"], cfg["num_stages"], (d + dv) * keys.dtype.itemsize)
-        while bk > 16 and bk > span:  # (the tuned 256-key tile is for long caches)
-            bk //= 2
-        fitted, cfg["block_k"] = bk == cfg["block_k"], bk
     if cfg["block_k"] > span:  # no full block anywhere: the masked loop covers everything
         cfg["split_tail"] = False
     _check_tiling(d, dv, cfg["block_k"], num_splits, cfg["num_warps"], cfg["num_stages"])
     if num_splits is None:
-        num_splits = cfg["num_splits"] if block_k is None and fitted else default_splits(
+        num_splits = cfg["num_splits"] if block_k is None else default_splits(
             b, hkv, max(span, 1), cfg["block_k"], _regime(b, hkv)["programs_per_sm"])
     scale = d**-0.5 if scale is None else float(scale)
     if not math.isfinite(scale):

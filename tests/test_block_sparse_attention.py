@@ -196,3 +196,11 @@ def test_decode_lowers_to_triton(list_mode):
 
         text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
         assert "block_sparse_decode" in text and "triton" in text
+
+
+def test_default_tile_fits_shared_memory_for_float32(monkeypatch):
+    """The tuned bf16-sized tile is halved for float32 K/V (2 x 128 keys x 1 KB > 200 KB)."""
+    monkeypatch.setitem(bsa.TUNED_BS, "many", dict(bsa.TUNED_BS["many"], block_k=128,
+                                                    num_stages=3))
+    assert bsa.decode_config(8, 8, 512, 64, row_bytes=256 * 2)["block_k"] == 128
+    assert bsa.decode_config(8, 8, 512, 64, row_bytes=256 * 4)["block_k"] == 64
