@@ -217,6 +217,13 @@ def merge_pair(
     return layer(lower, nka, nva), layer(upper, nkb, nvb)
 
 
+def _check_fractions(**values: Any) -> None:
+    """ValueError naming the argument unless each value is a float in [0, 1]."""
+    for name, v in values.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
+            raise ValueError(f"{name} must be a float in [0, 1], got {v!r}")
+
+
 def minicache(
     cache: KVCache,
     start_layer: int | None = None,
@@ -243,9 +250,7 @@ def minicache(
         start_layer = n // 2
     if not isinstance(start_layer, (int, np.integer)) or not 0 <= start_layer <= n - 2:
         raise ValueError(f"start_layer must be an int in [0, {n - 2}], got {start_layer!r}")
-    for name, v in (("t", t), ("gamma", gamma), ("max_retained", max_retained)):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
-            raise ValueError(f"{name} must be a float in [0, 1], got {v!r}")
+    _check_fractions(t=t, gamma=gamma, max_retained=max_retained)
     layers = list(cache.layers)
     for lo in range(start_layer, n - 1, 2):
         a, b = layers[lo], layers[lo + 1]
@@ -278,9 +283,7 @@ def minicache_compressor(
     `chain(snapkv(...), minicache_compressor())` work; evaluation sweeps name it "minicache".
     Arguments as in `minicache` (checked when the cache is known).
     """
-    for name, v in (("t", t), ("gamma", gamma), ("max_retained", max_retained)):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
-            raise ValueError(f"{name} must be a float in [0, 1], got {v!r}")
+    _check_fractions(t=t, gamma=gamma, max_retained=max_retained)
     ident = identity()
     return ident._replace(finalize=functools.partial(
         minicache, start_layer=start_layer, t=float(t), gamma=float(gamma),
