@@ -25,8 +25,11 @@ against the reference once before it is timed. It prints the TUNED_* tables to p
 kernels and writes them to $OUT/tuned.json.
 
 Each JAX timing runs `reps` calls (distinct queries; KV inputs rotated over several copies when
-one copy would fit in L2) inside one jitted executable and reports the median over 7 runs
-divided by reps (the one host dispatch per executable is amortised over >= 2 ms of work).
+one copy would fit in L2) inside one jitted executable, dispatched back to back (asynchronously)
+for >= 20 ms and waited for once, and reports the median over 7 such runs per call: device time
+per call including the launch gaps between its kernels, without the host's dispatch and wait
+(`experiments/_bench.py`; before 2026-11-23's third session those were charged to the calls,
+~30 us per call, which made small calls look up to 1.5x slower than their kernels).
 Bytes are the minimum each method must read (+ positions where read); GB/s = bytes / time.
 
     PYTHONPATH=. python3 experiments/bench_kernels.py --tune --out $OUT   # GPU sweep, ~150 s

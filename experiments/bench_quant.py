@@ -72,14 +72,20 @@ T0 = time.time()
 
 # The --tune grid, in priority order (kernel keyword arguments; the rest are the defaults).
 TUNE_GRID = [
-    dict(block_tokens=64, num_warps=8, num_stages=1),
-    dict(block_tokens=32, num_warps=4, num_stages=1),
-    dict(block_tokens=128, num_warps=16, num_stages=1),
-    dict(block_tokens=32, num_warps=4, num_stages=1, value_split=True),  # no in-kernel reshape
-    dict(block_tokens=64, num_warps=8, num_stages=2),
-    dict(block_tokens=64, num_warps=16, num_stages=1),
-    dict(block_tokens=128, num_warps=8, num_stages=1),
-    dict(block_tokens=64, num_warps=8, num_stages=1, num_splits=2),
+    # untimed when written (third session; fewer instructions per token in the offline
+    # compile report, experiments/kernel_report.py): "fold" with the scales on the code tiles,
+    # and "stack" (fields stacked as query rows)
+    dict(variant="fold", num_warps=2, num_stages=1, dequant=True),
+    dict(variant="fold", num_warps=4, num_stages=1, dequant=True),
+    dict(variant="fold", num_warps=8, num_stages=1, dequant=True),
+    dict(variant="stack", num_warps=4, num_stages=1),
+    # the default ("fold", 2 warps, 16 splits at 8 x 8 heads, zero points in the codes) and
+    # neighbours
+    dict(variant="fold", num_warps=2, num_stages=1),
+    dict(variant="fold", num_warps=4, num_stages=1),
+    dict(variant="fold", num_warps=2, num_stages=1, num_splits=32),
+    dict(variant="stack", num_warps=8, num_stages=1),
+    dict(variant="tile", block_tokens=64, num_warps=8, num_stages=1),  # the v2 default
 ]
 
 
@@ -462,9 +468,9 @@ def main(argv):
             if not FLAGS[name].present:
                 FLAGS[name].value = val
         global TUNE_GRID
-        TUNE_GRID = [dict(block_tokens=64, num_warps=4, num_stages=1),
-                     dict(block_tokens=32, num_warps=4, num_stages=1, value_split=True,
-                          num_splits=2)]
+        TUNE_GRID = [dict(variant="fold", num_warps=4, num_stages=1, prefetch=True),
+                     dict(variant="tile", block_tokens=32, num_warps=4, num_stages=1,
+                          value_split=True, num_splits=2)]
     RESULTS["device"] = str(jax.devices()[0])
     RESULTS["jax"] = jax.__version__
     RESULTS["mode"] = "tune" if FLAGS.tune else "table"

@@ -79,12 +79,12 @@ MAX_PRELOAD = 128  # list entries per program held in registers by list_mode="pr
 # Decode launch configs per regime, from `experiments/bench_kernels.py --tune` on an H100
 # (paste the "TUNED_BS" line it prints), per `decode_attention.regime` ("few" / "many").
 # Splits: ~programs_per_sm programs per SM, each >= min_steps loop steps (`sparse_splits`).
-# Pasted from the H100 run of 2026-11-23 (docs/benchmarks.md).
+# Re-tuned on an H100, 2026-11-23 (third session, device-time harness; docs/benchmarks.md).
 TUNED_BS: dict[str, dict[str, Any]] = {
     "few": {"block_k": 64, "num_warps": 4, "num_stages": 3, "list_mode": "load",
             "programs_per_sm": 2.0, "min_steps": 16, "merge": "xla"},
-    "many": {"block_k": 128, "num_warps": 8, "num_stages": 3, "list_mode": "prefetch",
-             "programs_per_sm": 2.0, "min_steps": 16, "merge": "xla"},
+    "many": {"block_k": 64, "num_warps": 4, "num_stages": 3, "list_mode": "preload",
+             "programs_per_sm": 4.0, "min_steps": 16, "merge": "xla"},
 }
 
 
@@ -419,7 +419,8 @@ def _attend_step(q, k_ref, v_ref, kpos_ref, slot, ok, qpos, b, h, carry, scale, 
     return o * corr[:, None] + pv, m_new, den
 
 
-def _list_slots(idx_at, pages, lo, hi, c, *, block_k, block_size, n, list_mode, per_max):
+def _list_slots(idx_at, pages, lo, hi, c, *, block_k, block_size, n, list_mode, per_max,
+                nblk):
     """Slot ids int32[block_k] and in-list mask bool[block_k] of decode loop step `c`.
 
     The step covers entries [lo, hi) of the head's block list, block_k slots per step (entry
@@ -429,7 +430,9 @@ def _list_slots(idx_at, pages, lo, hi, c, *, block_k, block_size, n, list_mode, 
     `pages` int32[per_max] holds entries [lo, lo + per_max) when list_mode == "preload"
     (extracted with a one-hot sum: no memory access in the loop); otherwise the ids are loaded
     from the list (`idx_at(entry)`). `c` may be one past the last step (prefetch): entries
-    past hi are clamped in range and masked.
+    past hi are clamped in range and masked. Ids are clamped to [0, nblk) here, in the kernel
+    (a traced list cannot be checked before launch; clamping costs one op per id, where an XLA
+    clip of the list was one more kernel launch per call).
     """
     # lax.div / lax.rem (all operands >= 0): jnp's floor-division wrappers do not lower to
     # Triton on a loop index.
@@ -442,7 +445,7 @@ def _list_slots(idx_at, pages, lo, hi, c, *, block_k, block_size, n, list_mode, 
         if list_mode == "preload":
             page = jnp.sum(jnp.where(jnp.arange(per_max) == e, pages, 0))
         else:
-            page = idx_at(jnp.minimum(lo + e, n - 1))
+            page = jnp.clip(idx_at(jnp.minimum(lo + e, n - 1)), 0, nblk - 1)
         return page * block_size + rem(c * block_k, jnp.int32(block_size)) + ar, inside
     r = c * block_k + ar
     e = div(r, jnp.int32(block_size))
@@ -451,7 +454,7 @@ def _list_slots(idx_at, pages, lo, hi, c, *, block_k, block_size, n, list_mode, 
         onehot = e[:, None] == jnp.arange(per_max)[None, :]
         page = jnp.sum(jnp.where(onehot, pages[None, :], 0), axis=1)
     else:
-        page = masked_load(idx_at(jnp.where(inside, lo + e, 0)), inside, 0)
+        page = jnp.clip(masked_load(idx_at(jnp.where(inside, lo + e, 0)), inside, 0), 0, nblk - 1)
     return jnp.where(inside, page * block_size + rem(r, jnp.int32(block_size)), 0), inside
 
 
@@ -486,12 +489,14 @@ def _decode_kernel(*refs, has_pos, has_bias, group, rows, block_k, block_size, s
     if list_mode == "preload":  # this piece's list entries, loaded once
         ent = lo + jnp.arange(per_max)
         pages = masked_load(idx_ref.at[b, h, jnp.where(ent < hi, ent, 0)], ent < hi, 0)
+        pages = jnp.clip(pages, 0, k_ref.shape[2] // block_size - 1)
 
     def idx_at(e):
         return idx_ref[b, h, e] if jnp.ndim(e) == 0 else idx_ref.at[b, h, e]
 
     slots = functools.partial(_list_slots, idx_at, pages, lo, hi, block_k=block_k,
-                              block_size=block_size, n=n, list_mode=list_mode, per_max=per_max)
+                              block_size=block_size, n=n, list_mode=list_mode, per_max=per_max,
+                              nblk=k_ref.shape[2] // block_size)
 
     def attend(slot, inside, carry):
         ok = inside & (slot < length)
@@ -578,7 +583,7 @@ def _decode(q, keys, values, lengths, block_indices, block_counts, kv_positions,
     n = block_indices.shape[-1]
     per_max = 1 << max(0, -(-n // num_splits) - 1).bit_length()  # >= entries per piece
     inputs = [q.reshape(b, hkv, g, d), keys, values, lengths.astype(jnp.int32),
-              jnp.clip(block_indices, 0, keys.shape[2] // block_size - 1).astype(jnp.int32),
+              block_indices.astype(jnp.int32),  # clamped in the kernel (`_list_slots`)
               block_counts.astype(jnp.int32)]
     if has_pos:
         inputs += [kv_positions.astype(jnp.int32), q_positions.astype(jnp.int32)]

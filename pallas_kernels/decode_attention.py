@@ -376,11 +376,11 @@ def default_splits(batch: int, kv_heads: int, capacity: int, block_k: int,
 # programs_per_sm sets the split count (`default_splits`); merge is how split partials are
 # combined: "xla" (`merge_partials`) or "pallas" (one merge kernel); split_tail runs the full
 # blocks of a piece without load masks and its partial last block separately.
-# Pasted from the H100 run of 2026-11-23 (docs/benchmarks.md).
+# Re-tuned on an H100, 2026-11-23 (third session, device-time harness; docs/benchmarks.md).
 TUNED_DECODE: dict[str, dict[str, Any]] = {
-    "few": {"block_k": 256, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1.0,
-            "merge": "xla", "split_tail": True},
-    "many": {"block_k": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 1.0,
+    "few": {"block_k": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 1.0,
+            "merge": "xla", "split_tail": False},
+    "many": {"block_k": 256, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1.0,
              "merge": "xla", "split_tail": False},
 }
 MERGES = ("xla", "pallas")

@@ -19,24 +19,30 @@ Layout (see `kvjax.quant.packing`; P = 32 // bits groups per word, G tokens per 
   residual_keys/values [B, Hkv, R, D]       full precision; slots [0, num_residual) valid
 Every stored token is taken to precede the query (true at decode), so masking is by counts only.
 
-Main loop (one iteration = one tile of Nt = block_tokens / G blocks = block_tokens * P tokens):
-load the key words [Nt, G, D] and the value words [Nt * G, D] once (16-byte coalesced rows), then
-for each of the P code fields j (unrolled: shifts and masks are constants), with T = Nt * G:
-  - codes of field j for all T word rows at once, as exact float32 `code * 2^off`: a field below
-    bit 23 is masked in place and or-ed into the float 2^23 (one LOP3 + one FADD, no shift, no
-    int->float conversion); higher fields are shifted down first. 2^-off is folded into the
-    scales ([Nt, D] rows, not per element);
-  - keys k = codes * scale + zero with the per-(block, channel) rows broadcast over the G rows of
-    a [Nt, G, D] tile, reshaped to [T, D], cast to the query dtype; scores q @ k^T [16, T] on
-    tensor cores (the GQA query rows padded to 16);
-  - one online-softmax step (float32) over the T tokens;
-  - values dequantized in one [T, D] tile (codes * scale + zero with the per-token, per-channel-
-    group scales broadcast and reshaped; `value_split=True` instead issues one dot per channel
-    group c: codes [T, Gv] * scale[T, 1] + zero[T, 1], then p @ v_c), then p @ v [16, T] x [T, D].
-A tile therefore issues two dots of T tokens per field instead of five per group of 32 tokens.
-Split-K: each split owns whole tiles; its last tile is moved back inside the array when it would
-run past the end (never reading out of bounds), and blocks it re-reads are masked. Tokens are
-visited in field-major order inside a tile; attention does not depend on the order.
+Two kernels (`variant`), the same partials:
+
+"fold" (`_fold_kernel`, the default): one loop step = one code field j of one block (the G
+tokens of group n * P + j). The block's key and value words are loaded once and read for each of
+its P fields (a dynamic loop: one field's registers, whatever the bit width). Scales are folded
+into the small operands instead of being applied to every element:
+  scores = (q * k_scale) @ c^T [+ q . k_zero]        k_scale, k_zero: the group's [1, D] rows
+  out_c += (p * v_scale_c) @ c_c [+ p . v_zero_c]    per channel group c, per-token scales
+with the codes c exact in the dot dtype (the 2^23 trick: shift, mask-or, one FADD); by default
+(`zero_in_codes`) the zero points go into the code operand as c + zero / scale, which removes the
+two row reductions per step. `dequant=True` scales the code tiles instead (k = c * scale + zero,
+one FMA per element), leaving the queries and probabilities untouched: 31% fewer instructions
+per token in the offline compile report (`experiments/kernel_report.py`), not yet timed.
+"stack" (`_stack_kernel`): "fold" with 16 / Gq fields per step stacked as query rows
+(block-diagonal operands); lowers and compiles, not yet timed.
+
+"tile" (`_kernel`, kept for Gv < 16 and for comparison): one iteration = one tile of Nt =
+block_tokens / G blocks; for each of the P fields (unrolled: shifts and masks constants) the
+[T = Nt * G, D] key and value tiles are dequantized element by element (codes * scale + zero, the
+scales broadcast and reshaped), cast, and fed to one score dot and one value dot (or one per
+channel group with `value_split`). Split-K: each split owns whole tiles; its last tile is moved
+back inside the array when it would run past the end, and blocks it re-reads are masked.
+
+Both visit tokens in field-major order; attention does not depend on the order.
 
 Bytes read per token and KV head at D=128, G=32, 16-bit scale/zero: int8 288, int4 160, int2 96
 versus 512 for a bf16 cache (1.8x, 3.2x, 5.3x less).
@@ -44,10 +50,12 @@ versus 512 for a bf16 cache (1.8x, 3.2x, 5.3x less).
 `reference` is the plain jnp version (dequantize, mask, float32 softmax); tests compare the kernel
 against it on CPU in interpret mode (automatic there).
 
-Measured on an H100 (2026-11-23, `experiments/bench_quant.py`, 32k x batch 8): int8 849 us,
-int4 847 us, int2 1091 us vs 362 us for the bf16 dense kernel - still slower than dense (the
-dequantize-and-dot work per field, not the bytes, bounds it: int4 moves 401 GB/s); see
-docs/benchmarks_quant.md for the next steps.
+Measured on an H100 (2026-11-23, third session, `experiments/bench_quant.py`, 32k x batch 8):
+"fold" int8 814 / int4 774 / int2 754 us vs 369 us for the bf16 dense kernel (0.45-0.49x;
+"tile" 957 / 855 / 1102 us). Both are bound by per-step overhead, not bytes: in Nsight Compute
+the time is the same for every bit width per 32-token step (~1.5 us of SM time), the issue slots
+are 30% busy and occupancy is register-limited (2 warps per scheduler). docs/benchmarks_quant.md
+has the profile and the next steps.
 """
 
 from __future__ import annotations
@@ -79,8 +87,9 @@ Array = jax.Array
 NEG = -1e30  # finite "minus infinity": masked scores and the running max start here
 _MAGIC = 0x4B000000  # float32 bits of 2^23; or-ing a code < 2^23 into it gives 2^23 + code
 _MAGIC_F = 8388608.0
+_TINY = 2.0**-60  # stands in for a zero scale in `_fold_kernel` (zero / scale stays finite)
 MIN_ROWS = 16  # tensor-core dots need >= 16 rows: query heads of a KV head are padded to this
-TARGET_PROGRAMS = 528  # ~4 programs per SM on an H100 (132 SMs)
+TARGET_PROGRAMS = 1024  # ~8 programs per SM on an H100 (132 SMs): 16 splits at 8 x 8 heads
 
 
 def supported(head_dim: int, group_size: int, residual: int) -> bool:
@@ -172,6 +181,86 @@ def _online_update(carry, s, valid, pv):
     return m_new, den, accs
 
 
+def _residual(carry, q, rk_ref, rv_ref, nr, is_residual_split, res_chunk, sm_scale, aw,
+              row_ok=None):
+    """Online-softmax steps over the residual window (rk_ref, rv_ref [R, D], slots [0, nr)
+    valid), in chunks of res_chunk keys; only the residual split (is_residual_split) reads it.
+    The output accumulators are D / aw tiles [gp, aw]; row_ok [gp, 1] (optional) limits the
+    rows that attend."""
+    ddt = q.dtype
+    d = q.shape[1]
+    riota = lax.broadcasted_iota(jnp.int32, (1, res_chunk), 1)
+
+    def rblock(c, carry):
+        rk = rk_ref[pl.ds(c * res_chunk, res_chunk), :]
+        s = _dot_nt(q, rk.astype(ddt)) * sm_scale
+        valid = c * res_chunk + riota < nr
+        if row_ok is not None:
+            valid = valid & row_ok
+
+        def pv(probs):
+            pd = probs.astype(ddt)
+            return [
+                _dot_nn(pd, rv_ref[pl.ds(c * res_chunk, res_chunk), pl.ds(g * aw, aw)].astype(ddt))
+                for g in range(d // aw)
+            ]
+
+        return _online_update(carry, jnp.where(valid, s, NEG), valid, pv)
+
+    n_rc = jnp.where(is_residual_split, (nr + res_chunk - 1) // res_chunk, 0)
+    return lax.fori_loop(0, n_rc, rblock, carry)
+
+
+def _out_refs(rest, has_residual):
+    """(rk_ref, rv_ref, o_ref, m_ref, l_ref) from a kernel's trailing refs (None, None when no
+    residual window is passed)."""
+    return tuple(rest) if has_residual else (None, None, *rest)
+
+
+def _empty_carry(rows: int, width: int, n: int):
+    """Online-softmax state: running max, denominator, n accumulators [rows, width]."""
+    return (jnp.full((rows,), NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
+            tuple(jnp.zeros((rows, width), jnp.float32) for _ in range(n)))
+
+
+def _split_blocks(nq, split, tokens_per_block: int, blocks_per_split: int, num_splits: int):
+    """Blocks [start, stop) of split `split` that hold any of the nq valid tokens (empty for
+    the residual split, index num_splits)."""
+    nblk = (nq + tokens_per_block - 1) // tokens_per_block
+    start = split * blocks_per_split
+    stop = jnp.where(split < num_splits, jnp.minimum(start + blocks_per_split, nblk), start)
+    return start, jnp.maximum(stop, start)
+
+
+def _store(o_ref, m_ref, l_ref, carry, width: int):
+    m, den, accs = carry
+    for c, acc in enumerate(accs):
+        o_ref[:, pl.ds(c * width, width)] = acc
+    m_ref[...] = m
+    l_ref[...] = den
+
+
+def _exact_codes(words: Array, shift: Array, mask: Array) -> Array:
+    """float32 codes (words >> shift) & mask, exact (the 2^23 trick: no int->float convert)."""
+    c = (words >> shift) & mask
+    return lax.bitcast_convert_type(c | jnp.uint32(_MAGIC), jnp.float32) - _MAGIC_F
+
+
+def _safe_scale(scale: Array) -> Array:
+    """Scales (>= 0, as `kvjax.quant` writes them) with zeros (constant groups) raised to a
+    tiny one: code + zero / scale stays finite and scale * (code + zero / scale) is still the
+    zero point. One max per element (a where on |scale| cost a compare and a select)."""
+    return jnp.maximum(scale, _TINY)
+
+
+def _over(zero: Array, scale: Array) -> Array:
+    """zero / scale for safe scales, as zero * rsqrt(scale)^2: a hardware reciprocal square
+    root and two multiplies (relative error ~2^-22) instead of an IEEE division (a dozen
+    instructions with its special-case checks, per element of the broadcast row)."""
+    r = lax.rsqrt(scale)
+    return zero * (r * r)
+
+
 def _kernel(
     nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, *rest,
     bits: int, group: int, vgroup: int, tile_blocks: int, blocks_per_split: int,
@@ -182,10 +271,7 @@ def _kernel(
     kc_ref uint32[Nb, G, D]; ks_ref, kz_ref [Nb, P, D];
     vc_ref uint32[Nb * G, ncg, Gv] ([Nb * G, D] with value_split); vs_ref, vz_ref flat
     [Ng * ncg * G]. Accumulators: one [gp, D], or ncg [gp, Gv] with value_split."""
-    if has_residual:
-        rk_ref, rv_ref, o_ref, m_ref, l_ref = rest
-    else:
-        o_ref, m_ref, l_ref = rest
+    rk_ref, rv_ref, o_ref, m_ref, l_ref = _out_refs(rest, has_residual)
     split = pl.program_id(2)
     per = 32 // bits
     gp, d = q_ref.shape
@@ -197,21 +283,13 @@ def _kernel(
     q = q_ref[...]
     ddt = q.dtype
     nq = nq_ref[()]
-    carry = (
-        jnp.full((gp,), NEG, jnp.float32),
-        jnp.zeros((gp,), jnp.float32),
-        tuple(jnp.zeros((gp, aw), jnp.float32) for _ in range(d // aw)),
-    )
+    carry = _empty_carry(gp, aw, d // aw)
     t3 = lax.broadcasted_iota(jnp.int32, (rows, 1, 1), 0)
     c3 = lax.broadcasted_iota(jnp.int32, (1, ncg, 1), 1)
     # tile row t -> (block n0 + t // G, word row t % G); as a row [1, T] and a column [T, 1]
     t_row = lax.broadcasted_iota(jnp.int32, (1, rows), 1)
     t_col = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
-    span = per * group
-    nblk = (nq + span - 1) // span
-    start = split * blocks_per_split
-    stop = jnp.where(split < num_splits, jnp.minimum(start + blocks_per_split, nblk), start)
-    stop = jnp.maximum(stop, start)
+    start, stop = _split_blocks(nq, split, per * group, blocks_per_split, num_splits)
 
     def tile(it, carry):
         lo = start + it * nt
@@ -270,32 +348,189 @@ def _kernel(
     carry = lax.fori_loop(0, ntiles, tile, carry)
 
     if has_residual:
-        nr = nr_ref[()]
-        riota = lax.broadcasted_iota(jnp.int32, (1, res_chunk), 1)
+        carry = _residual(carry, q, rk_ref, rv_ref, nr_ref[()], split == num_splits, res_chunk,
+                          sm_scale, aw)
+    _store(o_ref, m_ref, l_ref, carry, aw)
 
-        def rblock(c, carry):
-            rk = rk_ref[pl.ds(c * res_chunk, res_chunk), :]
-            s = _dot_nt(q, rk.astype(ddt)) * sm_scale
-            valid = c * res_chunk + riota < nr
 
-            def pv(probs):
-                pd = probs.astype(ddt)
-                return [
-                    _dot_nn(pd, rv_ref[pl.ds(c * res_chunk, res_chunk),
-                                       pl.ds(g * aw, aw)].astype(ddt))
-                    for g in range(d // aw)
-                ]
+def _fold_kernel(
+    nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, *rest,
+    bits: int, group: int, vgroup: int, blocks_per_split: int, num_splits: int,
+    sm_scale: float, res_chunk: int, has_residual: bool, unroll: bool, prefetch: bool,
+    zero_in_codes: bool, dequant: bool,
+):
+    """Variant "fold": one program (row b, KV head h, split s); refs per (b, h):
+    kc_ref, vc_ref uint32[Nb, G, D]; ks_ref, kz_ref [Nb, P, D]; vs_ref, vz_ref [Nb, P, ncg, G].
 
-            return _online_update(carry, jnp.where(valid, s, NEG), valid, pv)
+    Scales are folded into the small operands instead of dequantizing every element: for the
+    token group of field j of block n, with codes c exact in the dot dtype (<= 255),
+      scores = (q * k_scale * sm) @ c^T + (q . k_zero) * sm        (k_scale, k_zero: [1, D])
+      out_c += (p * v_scale_c) @ c_c + p @ v_zero_c                (per channel group c)
+    so the per-element work is one shift, one mask-or and one add (exact 2^23 trick) plus the
+    cast; the words of a block are loaded once and read for each of its P fields.
+    zero_in_codes moves the zero points into the code operand instead (k = s (c + z / s), one
+    more add per element) so that no step needs the row sums q . z and p . z (cross-lane
+    shuffles, the largest cost of a step in the H100 profile); its rounding is that of a bf16
+    key or value (c + z / s is rounded to the dot dtype, relative 2^-9).
+    dequant instead applies scale and zero to the code tiles (one FMA per element, the [1, D]
+    key rows and [G, 1] value columns broadcast): the dots' A operands (queries,
+    probabilities) are held by every warp of a program, so scaling them costs more per step
+    than scaling the codes (compiled-code count, `experiments/kernel_report.py`)."""
+    rk_ref, rv_ref, o_ref, m_ref, l_ref = _out_refs(rest, has_residual)
+    split = pl.program_id(2)
+    per = 32 // bits
+    gp, d = q_ref.shape
+    ncg = d // vgroup
+    q = q_ref[...].astype(jnp.float32)
+    ddt = q_ref.dtype
+    nq = nq_ref[()]
+    carry = _empty_carry(gp, vgroup, ncg)
+    w_row = lax.broadcasted_iota(jnp.int32, (1, group), 1)
+    start, stop = _split_blocks(nq, split, per * group, blocks_per_split, num_splits)
+    mask = jnp.uint32(2**bits - 1)
+    safe = _safe_scale
 
-        n_rc = jnp.where(split == num_splits, (nr + res_chunk - 1) // res_chunk, 0)
-        carry = lax.fori_loop(0, n_rc, rblock, carry)
+    def codes(words, j, off=None):  # field j (a Python int when unrolled) in the dot dtype:
+        # the exact code, or code + off (zero / scale, broadcast) with zero_in_codes
+        shift = jnp.uint32(j * bits) if isinstance(j, int) else (j * bits).astype(jnp.uint32)
+        f = _exact_codes(words, shift, mask)
+        return (f if off is None else f + off).astype(ddt)
 
-    m, den, accs = carry
-    for c in range(d // aw):
-        o_ref[:, pl.ds(c * aw, aw)] = accs[c]
-    m_ref[...] = m
-    l_ref[...] = den
+    def load_words(n):
+        n = jnp.minimum(n, kc_ref.shape[0] - 1)
+        return kc_ref[n], tuple(vc_ref[n, :, pl.ds(c * vgroup, vgroup)] for c in range(ncg))
+
+    qd = (q * sm_scale).astype(ddt)  # the score dot's A operand when dequantizing
+
+    def field(n, j, kw, vws, carry):
+        ks = ks_ref[n, pl.ds(j, 1), :].astype(jnp.float32)  # [1, D]
+        kz = kz_ref[n, pl.ds(j, 1), :].astype(jnp.float32)
+        if dequant:  # k = code * scale + zero on the B operand; A (the queries) stays put
+            k = (_exact_codes(kw, (j * bits).astype(jnp.uint32), mask) * ks + kz).astype(ddt)
+            s = _dot_nt(qd, k)
+        elif zero_in_codes:  # q . (s (c + z / s)): no row reduction for the zero term
+            ks = safe(ks)
+            s = _dot_nt((q * (ks * sm_scale)).astype(ddt), codes(kw, j, _over(kz, ks)))
+        else:
+            zq = jnp.sum(q * kz, axis=1) * sm_scale  # [gp]
+            s = _dot_nt((q * (ks * sm_scale)).astype(ddt), codes(kw, j)) + zq[:, None]
+        valid = (n * per + j) * group + w_row < nq  # [1, G]
+        s = jnp.where(valid, s, NEG)
+
+        def pv(probs):
+            out = []
+            pd = probs.astype(ddt)
+            for c in range(ncg):
+                vs = vs_ref[n, j, c, :].astype(jnp.float32)  # [G] (per token)
+                vz = vz_ref[n, j, c, :].astype(jnp.float32)
+                if dequant:
+                    v = _exact_codes(vws[c], (j * bits).astype(jnp.uint32), mask)
+                    out.append(_dot_nn(pd, (v * vs[:, None] + vz[:, None]).astype(ddt)))
+                elif zero_in_codes:
+                    vs = safe(vs)
+                    out.append(_dot_nn((probs * vs[None, :]).astype(ddt),
+                                       codes(vws[c], j, _over(vz, vs)[:, None])))
+                else:
+                    pc = _dot_nn((probs * vs[None, :]).astype(ddt), codes(vws[c], j))
+                    out.append(pc + jnp.sum(probs * vz[None, :], axis=1)[:, None])
+            return out
+
+        return _online_update(carry, s, valid, pv)
+
+    def block(n, state):
+        carry, words = state
+        kw, vws = words if prefetch else load_words(n)
+        nxt = load_words(n + 1) if prefetch else words
+        if unroll:
+            for j in range(per):
+                carry = field(n, j, kw, vws, carry)
+        else:
+            carry = lax.fori_loop(0, per, lambda j, c: field(n, j, kw, vws, c), carry)
+        return carry, nxt
+
+    words0 = load_words(start) if prefetch else ()
+    carry, _ = lax.fori_loop(start, stop, block, (carry, words0))
+
+    if has_residual:
+        carry = _residual(carry, q_ref[...], rk_ref, rv_ref, nr_ref[()], split == num_splits,
+                          res_chunk, sm_scale, vgroup)
+    _store(o_ref, m_ref, l_ref, carry, vgroup)
+
+
+def _stack_kernel(
+    nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, *rest,
+    bits: int, group: int, vgroup: int, blocks_per_split: int, num_splits: int,
+    sm_scale: float, res_chunk: int, has_residual: bool, fields: int, qrows: int,
+):
+    """Variant "stack": like "fold" (zero points in the codes), but F = `fields` code fields
+    share one step, stacked as virtual query rows. Row r of q_ref [R, D] is query head r % Gp
+    (Gp = qrows) of field slot jr = r // Gp (rows with jr >= F are padding). For fields j0 + jj,
+    jj < F, of block n:
+      scores [R, G]   = Qf @ Cf^T,  Qf[r, (jj, d)] = [jj == jr] q[r, d] k_scale_jj[d] sm,
+                                    Cf[w, (jj, d)] = code_jj[w, d] + k_zero_jj[d] / k_scale_jj[d]
+      out_c  [R, Gv] += Pf_c @ Vf_c, Pf_c[r, (jj, w)] = [jj == jr] p[r, w] v_scale_jj[c, w],
+                                    Vf_c[(jj, w), e] = code_jj[w, e] + v_zero_jj[c, w] / v_scale
+    Every row of a score tile is a real (query head, token group) pair when F * Gp >= 16 (in
+    "fold" 12 of 16 rows are padding at Gp = 4) and one softmax step covers F * G tokens. Rows
+    of different field slots are separate partials, merged by `combine` like splits. The
+    block-diagonal operands cost F x the tensor-core work, which decode has to spare."""
+    rk_ref, rv_ref, o_ref, m_ref, l_ref = _out_refs(rest, has_residual)
+    split = pl.program_id(2)
+    per = 32 // bits
+    rows, d = q_ref.shape
+    ncg = d // vgroup
+    q = q_ref[...].astype(jnp.float32)
+    ddt = q_ref.dtype
+    nq = nq_ref[()]
+    carry = _empty_carry(rows, vgroup, ncg)
+    jr = lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // qrows  # field slot of each row
+    w_row = lax.broadcasted_iota(jnp.int32, (1, group), 1)
+    # [jj == jr] masks of the block-diagonal operands: [R, F, 1] (keys), [R, F, 1] (values)
+    diag = (lax.broadcasted_iota(jnp.int32, (rows, fields, 1), 0) // qrows
+            == lax.broadcasted_iota(jnp.int32, (rows, fields, 1), 1))
+    slot_k = lax.broadcasted_iota(jnp.int32, (1, fields, 1), 1)  # jj of Cf's [G, F, D]
+    slot_v = lax.broadcasted_iota(jnp.int32, (fields, 1, 1), 0)  # jj of Vf's [F, G, Gv]
+    start, stop = _split_blocks(nq, split, per * group, blocks_per_split, num_splits)
+    mask = jnp.uint32(2**bits - 1)
+    safe = _safe_scale
+
+    def unpack(words, slot, j0):  # exact codes of fields j0 + slot, float32
+        return _exact_codes(words, ((j0 + slot) * bits).astype(jnp.uint32), mask)
+
+    def step(n, j0, kw, vws, carry):
+        ks = safe(ks_ref[n, pl.ds(j0, fields), :].astype(jnp.float32))  # [F, D]
+        kz = kz_ref[n, pl.ds(j0, fields), :].astype(jnp.float32)
+        cf = unpack(kw[:, None, :], slot_k, j0) + _over(kz, ks)[None]  # [G, F, D]
+        qf = jnp.where(diag, q[:, None, :] * (ks * sm_scale)[None], 0.0)  # [R, F, D]
+        s = _dot_nt(qf.reshape(rows, fields * d).astype(ddt),
+                    cf.reshape(group, fields * d).astype(ddt))  # [R, G]
+        valid = (jr < fields) & ((n * per + j0 + jr) * group + w_row < nq)  # [R, G]
+        s = jnp.where(valid, s, NEG)
+
+        def pv(probs):
+            out = []
+            for c in range(ncg):
+                vs = safe(vs_ref[n, pl.ds(j0, fields), c, :].astype(jnp.float32))  # [F, G]
+                vz = vz_ref[n, pl.ds(j0, fields), c, :].astype(jnp.float32)
+                vf = unpack(vws[c][None], slot_v, j0) + _over(vz, vs)[:, :, None]  # [F, G, Gv]
+                pf = jnp.where(diag, probs[:, None, :] * vs[None], 0.0)  # [R, F, G]
+                out.append(_dot_nn(pf.reshape(rows, fields * group).astype(ddt),
+                                   vf.reshape(fields * group, vgroup).astype(ddt)))
+            return out
+
+        return _online_update(carry, s, valid, pv)
+
+    def block(n, carry):
+        kw = kc_ref[n]  # [G, D]
+        vws = tuple(vc_ref[n, :, pl.ds(c * vgroup, vgroup)] for c in range(ncg))
+        return lax.fori_loop(0, per // fields,
+                             lambda i, cr: step(n, i * fields, kw, vws, cr), carry)
+
+    carry = lax.fori_loop(start, stop, block, carry)
+    if has_residual:  # field slot 0's rows read the residual window
+        carry = _residual(carry, q_ref[...], rk_ref, rv_ref, nr_ref[()], split == num_splits,
+                          res_chunk, sm_scale, vgroup, row_ok=jr == 0)
+    _store(o_ref, m_ref, l_ref, carry, vgroup)
 
 
 def _layout(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantized):
@@ -352,42 +587,56 @@ def _pow2_floor(n: int) -> int:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "block_tokens", "num_splits", "num_warps", "num_stages",
-                     "fast_unpack", "value_split", "interpret"),
+    static_argnames=("scale", "variant", "block_tokens", "num_splits", "num_warps", "num_stages",
+                     "fast_unpack", "value_split", "unroll", "prefetch", "zero_in_codes",
+                     "dequant", "fields", "interpret"),
 )
 def _partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantized,
-              residual_keys, residual_values, num_residual, *, scale, block_tokens, num_splits,
-              num_warps, num_stages, fast_unpack, value_split, interpret):
+              residual_keys, residual_values, num_residual, *, scale, variant, block_tokens,
+              num_splits, num_warps, num_stages, fast_unpack, value_split, unroll, prefetch,
+              zero_in_codes, dequant, fields, interpret):
     bits, g, vg, gq = _layout(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                               num_quantized)
     b, hq, d = q.shape
     h, nb = k_codes.shape[1], k_codes.shape[2]
     per = 32 // bits
     ng, ncg = nb * per, d // vg
-    qg, _, gp = pad_query_groups(q, h, MIN_ROWS)
-    nt = _pow2_floor(min(max(1, block_tokens // g), nb))  # blocks per tile (a power of two)
+    fold = variant in ("fold", "stack")  # one block per step, fold layouts
+    if variant == "stack":  # q rows stacked per field slot: row r = head r % gp of slot r // gp
+        qg, _, gp = pad_query_groups(q, h, 1)
+        nf = min(per, max(1, MIN_ROWS // gp)) if fields is None else fields
+        qg = jnp.tile(qg, (1, 1, nf, 1))
+        rows = max(MIN_ROWS, nf * gp)
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - nf * gp), (0, 0)))
+    else:
+        qg, _, gp = pad_query_groups(q, h, MIN_ROWS)
+        nf, rows = 1, gp
+    nt = 1 if fold else _pow2_floor(min(max(1, block_tokens // g), nb))  # blocks per tile
     splits = default_splits(b, h, nb, nt) if num_splits is None else min(num_splits, nb)
     bps = _cdiv(_cdiv(nb, splits), nt) * nt  # blocks per split: whole tiles
     splits = _cdiv(nb, bps)
     has_res = residual_keys is not None
     res_chunk = 0
     kshape = (nb, per, d)
+    if fold:
+        vc, vshape = v_codes.reshape(b, h, nb, g, d), (nb, g, d)
+        vsshape = (nb, per, ncg, g)
+    else:
+        vshape = (nb * g, d) if value_split else (nb * g, ncg, vg)
+        vc, vsshape = v_codes.reshape(b, h, *vshape), (ng * ncg * g,)
     inputs = [
         num_quantized.astype(jnp.int32),
         (num_residual if has_res else num_quantized).astype(jnp.int32),
         qg,
         k_codes, k_scale.reshape(b, h, *kshape), k_zero.reshape(b, h, *kshape),
-        v_codes.reshape((b, h, nb * g, d) if value_split else (b, h, nb * g, ncg, vg)),
-        v_scale.reshape(b, h, ng * ncg * g), v_zero.reshape(b, h, ng * ncg * g),
+        vc, v_scale.reshape(b, h, *vsshape), v_zero.reshape(b, h, *vsshape),
     ]
-
     in_specs = [
         pl.BlockSpec((None, None), lambda i, j, s: (i, j)),
         pl.BlockSpec((None, None), lambda i, j, s: (i, j)),
-        whole_head((gp, d)),
+        whole_head((rows, d)),
         whole_head((nb, g, d)), whole_head(kshape), whole_head(kshape),
-        whole_head((nb * g, d) if value_split else (nb * g, ncg, vg)),
-        whole_head((ng * ncg * g,)), whole_head((ng * ncg * g,)),
+        whole_head(vshape), whole_head(vsshape), whole_head(vsshape),
     ]
     if has_res:
         r = residual_keys.shape[2]
@@ -395,30 +644,42 @@ def _partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantiz
         inputs += [residual_keys, residual_values]
         in_specs += [whole_head((r, d)), whole_head((r, d))]
     grid_splits = splits + int(has_res)
-    kernel = functools.partial(
-        _kernel, bits=bits, group=g, vgroup=vg, tile_blocks=nt, blocks_per_split=bps,
-        num_splits=splits, sm_scale=scale, res_chunk=res_chunk, has_residual=has_res,
-        fast=fast_unpack, value_split=value_split,
-    )
+    common = dict(bits=bits, group=g, vgroup=vg, blocks_per_split=bps, num_splits=splits,
+                  sm_scale=scale, res_chunk=res_chunk, has_residual=has_res)
+    if variant == "stack":
+        kernel = functools.partial(_stack_kernel, fields=nf, qrows=gp, **common)
+    elif fold:
+        kernel = functools.partial(_fold_kernel, unroll=unroll, prefetch=prefetch,
+                                   zero_in_codes=zero_in_codes, dequant=dequant, **common)
+    else:
+        kernel = functools.partial(_kernel, tile_blocks=nt, fast=fast_unpack,
+                                   value_split=value_split, **common)
     o, m, den = pl.pallas_call(
         kernel,
         grid=(b, h, grid_splits),
         in_specs=in_specs,
-        out_specs=partial_specs(gp, d),
-        out_shape=partial_shapes(b, h, grid_splits, gp, d),
+        out_specs=partial_specs(rows, d),
+        out_shape=partial_shapes(b, h, grid_splits, rows, d),
         interpret=interpret,
         name=f"quantized_decode_attention_int{bits}",
         **launch_params(num_warps, num_stages, interpret),
     )(*inputs)
+    if variant == "stack":  # field slots become splits: [B, H, S * F, G, ...]
+        o = o[:, :, :, :nf * gp].reshape(b, h, grid_splits * nf, gp, d)
+        m = m[..., :nf * gp].reshape(b, h, grid_splits * nf, gp)
+        den = den[..., :nf * gp].reshape(b, h, grid_splits * nf, gp)
     return o[:, :, :, :gq], m[..., :gq], den[..., :gq]
 
 
-# Launch defaults per bit width (H100, 32k x batch 8; `experiments/bench_quant.py --tune`).
+# Launch defaults per bit width (H100, 32k x batch 8; `experiments/bench_quant.py --tune`,
+# 2026-11-23 third session: "fold" with 2 warps and ~1024 programs beat the "tile" variant for
+# every width; docs/benchmarks_quant.md).
 DEFAULT_CONFIG = {
-    8: dict(block_tokens=128, num_warps=16, num_stages=1, value_split=False),
-    4: dict(block_tokens=64, num_warps=8, num_stages=1, value_split=False),
-    2: dict(block_tokens=64, num_warps=8, num_stages=1, value_split=False),
+    bits: dict(variant="fold", block_tokens=64, num_warps=2, num_stages=1, value_split=False,
+               unroll=False, prefetch=False, zero_in_codes=True, dequant=False)
+    for bits in (8, 4, 2)
 }
+VARIANTS = ("fold", "tile", "stack")
 
 
 def quantized_decode_partials(
@@ -437,6 +698,12 @@ def quantized_decode_partials(
     num_stages: int | None = None,
     fast_unpack: bool | None = None,
     value_split: bool | None = None,
+    variant: str | None = None,
+    unroll: bool | None = None,
+    prefetch: bool | None = None,
+    zero_in_codes: bool | None = None,
+    dequant: bool | None = None,
+    fields: int | None = None,
     interpret: bool | None = None,
 ) -> tuple[Array, Array, Array]:
     """Split-K partials: (o float32[B, Hkv, S, Gq, D], m, l float32[B, Hkv, S, Gq]).
@@ -444,16 +711,30 @@ def quantized_decode_partials(
     o is the unnormalised output, m the running max and l the softmax denominator of each
     split; the residual window (when given) is the last split. Merge with `combine`.
 
+    variant: "fold" (`_fold_kernel`: scales folded into the query / probability rows, one block
+      of G word rows and one code field per step; needs a value channel group Gv >= 16 when
+      compiled), "stack" (`_stack_kernel`: "fold" with several fields per step stacked as
+      query rows) or "tile" (`_kernel`: every element dequantized, tiles of several blocks).
+      None: `DEFAULT_CONFIG` of the bit width, "tile" where Gv < 16.
     Launch parameters (None: `DEFAULT_CONFIG` of the bit width, splits from `default_splits`):
-      block_tokens: word rows per tile = tokens per dot and per softmax step (a power-of-two
-        multiple of G, at most 512); one loop iteration covers block_tokens * P tokens.
       num_splits: split-K pieces of the quantized part per (row, KV head).
       num_warps, num_stages: Triton launch parameters (compiled only).
-    fast_unpack: read codes without the FADD of the exact 2^23 trick (`_field`): the zero point
-      absorbs a power-of-two offset, adding an error <= scale * 2^-9 per dequantized element,
-      below the rounding of the bf16/fp16 dot operands. None: on for 16-bit queries, off for
-      float32 (exact).
-    value_split: dequantize values as D / Gv tiles [T, Gv] with one dot each instead of one
+      unroll ("fold"): unroll the loop over the P code fields of a block (else a loop).
+      prefetch ("fold"): load the next block's words before reading the current block's.
+      zero_in_codes ("fold"): add zero / scale to the codes instead of row sums of the zero
+        terms (see `_fold_kernel`).
+      dequant ("fold"): scale the code tiles (one FMA per element) instead of folding scales
+        into the query / probability rows (see `_fold_kernel`).
+      fields ("stack"): code fields per step (a power of two dividing 32 / bits; None: as many
+        as fill 16 query rows). Untimed on a GPU so far.
+      block_tokens ("tile"): word rows per tile = tokens per dot and per softmax step (a
+        power-of-two multiple of G, at most 512); one loop iteration covers block_tokens * P
+        tokens.
+    fast_unpack ("tile"): read codes without the FADD of the exact 2^23 trick (`_field`): the
+      zero point absorbs a power-of-two offset, adding an error <= scale * 2^-9 per dequantized
+      element, below the rounding of the bf16/fp16 dot operands. None: on for 16-bit queries,
+      off for float32 (exact).
+    value_split ("tile"): dequantize values as D / Gv tiles [T, Gv] with one dot each instead of one
       [T, ncg, Gv] tile reshaped to [T, D] and one dot (an alternative lowering, same result).
     interpret: None runs interpreted on CPU and compiled (Triton) elsewhere.
     """
@@ -471,10 +752,24 @@ def quantized_decode_partials(
                 f"{residual_keys.shape} and {residual_values.shape}"
             )
     check_num_splits(num_splits)
-    bits, g, _, _ = _layout(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
-                            num_quantized)
+    bits, g, vg, _ = _layout(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+                             num_quantized)
     cfg = launch_config(DEFAULT_CONFIG[bits], block_tokens=block_tokens, num_warps=num_warps,
-                        num_stages=num_stages)
+                        num_stages=num_stages, unroll=unroll, prefetch=prefetch,
+                        zero_in_codes=zero_in_codes, dequant=dequant)
+    interpret = resolve_interpret(interpret)
+    if variant is None:
+        variant = cfg["variant"] if vg >= 16 or interpret else "tile"
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant != "tile" and vg < 16 and not interpret:
+        raise ValueError(f'variant "{variant}" needs a value channel group >= 16 when '
+                         f"compiled, got {vg}")
+    per = 32 // bits
+    if fields is not None and (not isinstance(fields, int) or fields < 1
+                               or fields & (fields - 1) or fields > per):
+        raise ValueError(f"fields must be a power of two in [1, {per}] at {bits} bits, "
+                         f"got {fields!r}")
     bt = cfg["block_tokens"]
     if not isinstance(bt, int) or bt < g or bt % g or (bt // g) & (bt // g - 1) or bt > 512:
         raise ValueError(
@@ -485,12 +780,14 @@ def quantized_decode_partials(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _partials(
         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantized,
-        residual_keys, residual_values, num_residual, scale=scale, block_tokens=bt,
-        num_splits=num_splits, num_warps=int(cfg["num_warps"]),
+        residual_keys, residual_values, num_residual, scale=scale, variant=variant,
+        block_tokens=bt, num_splits=num_splits, num_warps=int(cfg["num_warps"]),
         num_stages=int(cfg["num_stages"]),
         fast_unpack=(q.dtype != jnp.float32) if fast_unpack is None else bool(fast_unpack),
         value_split=bool(cfg["value_split"]) if value_split is None else bool(value_split),
-        interpret=resolve_interpret(interpret),
+        unroll=bool(cfg["unroll"]), prefetch=bool(cfg["prefetch"]),
+        zero_in_codes=bool(cfg["zero_in_codes"]), dequant=bool(cfg["dequant"]), fields=fields,
+        interpret=interpret,
     )
 
 

@@ -54,10 +54,10 @@ Array = jax.Array
 # Launch parameters, from `experiments/bench_kernels.py --tune` on an H100 (paste the
 # "TUNED_QUEST" line it prints). block_k / list_mode are the block-sparse decode's (None: its
 # own per-shape default).
-# Pasted from the H100 run of 2026-11-23 (docs/benchmarks.md).
+# Re-tuned on an H100, 2026-11-23 (third session, device-time harness; docs/benchmarks.md).
 TUNED_QUEST: dict[str, Any] = {
-    "block_p": 128, "score_warps": 8, "score_stages": 2, "select_warps": 8,
-    "block_k": 64, "list_mode": "prefetch",
+    "block_p": 64, "score_warps": 4, "score_stages": 2, "select_warps": 4,
+    "block_k": 128, "list_mode": "prefetch",
 }
 MAX_SELECT_PAGES = 32768  # top_pages holds a head's scores in registers: NP (padded) <= this
 

@@ -181,6 +181,27 @@ def test_decode_list_modes_match_reference(list_mode, block_size, block_k):
 
 
 @pytest.mark.parametrize("list_mode", ["load", "prefetch", "preload"])
+def test_traced_out_of_range_ids_are_clamped_in_the_kernel(list_mode):
+    """Ids only known inside jit cannot be checked before launch: the kernel clamps them to
+    [0, nblk) (as the reference does for the clamped list), never reading out of bounds."""
+    rng = np.random.default_rng(6)
+    b, hkv, g, c, d, bs = 1, 2, 2, 64, 16, 16
+    k, v, lengths, pos = _cache(rng, b, hkv, c, d, jnp.float32, [[64, 50]])
+    q = jnp.asarray(rng.standard_normal((b, hkv * g, d)), jnp.float32)
+    idx = jnp.asarray([[[-3, 1, 9], [2, 40, 0]]], jnp.int32)  # -3 -> 0, 9 / 40 -> 3
+    cnt = jnp.asarray([[3, 3]], jnp.int32)
+
+    @jax.jit
+    def run(idx):
+        return bsa.block_sparse_decode(q, k, v, lengths, idx, cnt, block_size=bs, block_k=16,
+                                       list_mode=list_mode, num_splits=2)
+
+    ref = bsa.reference_decode(q, k, v, lengths, jnp.clip(idx, 0, c // bs - 1), cnt,
+                               block_size=bs)
+    _close(run(idx), ref, jnp.float32)
+
+
+@pytest.mark.parametrize("list_mode", ["load", "prefetch", "preload"])
 def test_decode_lowers_to_triton(list_mode):
     """Every list mode, one-block and multi-block steps, lowers to Triton on any host."""
     sd = jax.ShapeDtypeStruct

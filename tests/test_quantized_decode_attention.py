@@ -65,6 +65,61 @@ def test_kernel_matches_reference(bits, shape):
     assert np.isfinite(np.asarray(out)).all()
 
 
+@pytest.mark.parametrize("kw,gq", [(dict(variant="tile"), 2), (dict(unroll=True, prefetch=True), 2),
+                                   (dict(zero_in_codes=False, prefetch=True), 2),
+                                   (dict(dequant=True), 2), (dict(dequant=True), 8),
+                                   (dict(variant="stack"), 2), (dict(variant="stack"), 3),
+                                   (dict(variant="stack", fields=2), 8)])
+def test_variants_match_reference(kw, gq):
+    """The "tile" and "stack" kernels and the other "fold" options (the default is checked
+    above), over a ragged cache with five blocks in three splits; "stack" with 8 fields of 2
+    query heads, 4 (padded) of 3, and 2 of 8."""
+    bits, b, h, d, g, nb, r = 4, 2, 2, 32, 16, 5, 16
+    arrs = _cache(21, b, h, d, bits, g, nb, r)
+    q = _q(22, b, h * gq, d)
+    args = [arrs[k] for k in ARGS]
+    out = qda.quantized_decode_attention(q, *args, num_splits=3, **kw)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(qda.reference(q, *args)),
+                               rtol=2e-5, atol=2e-5)
+
+
+def test_zero_scales_stay_finite():
+    """Constant groups have scale 0 (every code decodes to the zero point); the "fold" and
+    "stack" kernels divide the zero point by the scale and must stand in a tiny one instead."""
+    bits, b, h, gq, d, g, nb, r = 2, 1, 2, 2, 32, 16, 1, 16
+    arrs = _cache(23, b, h, d, bits, g, nb, r, full=True)
+    arrs["k_scale"] = arrs["k_scale"].at[:, :, ::2].set(0)
+    arrs["v_scale"] = arrs["v_scale"].at[:, :, 1::2].set(0)
+    q = _q(24, b, h * gq, d)
+    args = [arrs[k] for k in ARGS]
+    for kw in (dict(variant="fold"), dict(variant="stack"), dict(dequant=True)):
+        out = np.asarray(qda.quantized_decode_attention(q, *args, **kw))
+        assert np.isfinite(out).all()
+        np.testing.assert_allclose(out, np.asarray(qda.reference(q, *args)), rtol=2e-5,
+                                   atol=2e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_every_variant_lowers_to_triton(bits):
+    """Each variant and option lowers to Triton IR on any host (compiled only on the GPU)."""
+    sd = jax.ShapeDtypeStruct
+    b, h, gq, d, g, r, nb = 1, 2, 4, 128, 32, 128, 2
+    ng = nb * 32 // bits
+    bf, u32, i32 = jnp.bfloat16, jnp.uint32, jnp.int32
+    shapes = (sd((b, h * gq, d), bf), sd((b, h, nb, g, d), u32), sd((b, h, ng, d), bf),
+              sd((b, h, ng, d), bf), sd((b, h, nb, g, d), u32), sd((b, h, ng, d // g, g), bf),
+              sd((b, h, ng, d // g, g), bf), sd((b, h), i32), sd((b, h, r, d), bf),
+              sd((b, h, r, d), bf), sd((b, h), i32))
+    for kw in (dict(), dict(unroll=True), dict(prefetch=True), dict(zero_in_codes=False),
+               dict(dequant=True), dict(variant="tile"), dict(variant="stack"),
+               dict(variant="stack", fields=2)):
+        def f(*a, kw=kw):
+            return qda.quantized_decode_attention(*a, interpret=False, **kw)
+
+        text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+        assert f"quantized_decode_attention_int{bits}" in text and "triton" in text
+
+
 @pytest.mark.parametrize("block_tokens,splits,value_split", [(16, 2, True), (32, 1, False),
                                                              (64, 2, True)])
 def test_tile_sizes_and_clamped_last_tile(block_tokens, splits, value_split):
@@ -76,8 +131,8 @@ def test_tile_sizes_and_clamped_last_tile(block_tokens, splits, value_split):
     arrs["num_quantized"] = jnp.asarray([[nb * 8 * g, 3 * 8 * g + 5]], jnp.int32)
     q = _q(bits + 1, b, h * gq, d)
     args = [arrs[k] for k in ARGS]
-    out = qda.quantized_decode_attention(q, *args, block_tokens=block_tokens, num_splits=splits,
-                                         value_split=value_split)
+    out = qda.quantized_decode_attention(q, *args, variant="tile", block_tokens=block_tokens,
+                                         num_splits=splits, value_split=value_split)
     np.testing.assert_allclose(np.asarray(out), np.asarray(qda.reference(q, *args)),
                                rtol=2e-5, atol=2e-5)
 
@@ -107,7 +162,7 @@ def test_fast_unpack_error_is_small():
     q = _q(12, b, h * gq, d)
     args = [arrs[k] for k in ARGS]
     ref = np.asarray(qda.reference(q, *args))
-    fast = np.asarray(qda.quantized_decode_attention(q, *args, fast_unpack=True))
+    fast = np.asarray(qda.quantized_decode_attention(q, *args, variant="tile", fast_unpack=True))
     # per element <= scale * 2^-9 on keys and values (scale <= 2/3 here)
     np.testing.assert_allclose(fast, ref, rtol=0, atol=2e-3)
     assert np.abs(fast - ref).max() > 0  # the approximation is really in use
@@ -203,6 +258,12 @@ def test_bad_inputs():
         qda.quantized_decode_attention(q, *args[:8])
     with pytest.raises(ValueError, match="num_splits"):
         qda.quantized_decode_attention(q, *args, num_splits=0)
+    with pytest.raises(ValueError, match="variant"):
+        qda.quantized_decode_attention(q, *args, variant="dense")
+    with pytest.raises(ValueError, match="fields must be a power of two in"):
+        qda.quantized_decode_attention(q, *args, variant="stack", fields=3)
+    with pytest.raises(ValueError, match="fields must be a power of two in"):
+        qda.quantized_decode_attention(q, *args, variant="stack", fields=16)  # 8 at int4
     with pytest.raises(ValueError, match="block_tokens"):
         qda.quantized_decode_attention(q, *args, block_tokens=48)
     with pytest.raises(ValueError, match="block_tokens"):

@@ -1,0 +1,115 @@
+"""Runs each decode kernel once at batch 8 x 32k inside a CUDA profiler range, for Nsight Compute.
+
+The benchmark scripts time the kernels; this one exists so that `ncu --profile-from-start off`
+sees exactly one launch of each (after compilation and a warm-up), with every XLA kernel the
+call issues around it (merges, selections). On the device machine:
+
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+    $NCU --profile-from-start off --clock-control none --set full -o $OUT/prof -f \
+        python3 experiments/profile_kernels.py
+    $NCU -i $OUT/prof.ncu-rep --page details --csv > $OUT/details.csv
+
+Shapes as in bench_kernels / bench_quant: 32 query / 8 KV heads, head dim 128, bf16, batch 8,
+32768 tokens; block-sparse with 1/8 of the 64-token blocks active, Quest with 16- and 32-token
+pages and a budget of 4096 tokens, KIVI with group 32 and a full 128-token residual. `--only`
+restricts the set; `--cpu` runs it at tiny shapes in interpret mode (smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import os
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments.bench_kernels import make_cache, random_blocks  # noqa: E402
+from experiments.bench_quant import QARGS, random_quantized  # noqa: E402
+from kvjax import attention  # noqa: E402
+from kvjax.sparse.quest import from_layer, quest_attend  # noqa: E402
+from pallas_kernels import block_sparse_attention as bsa  # noqa: E402
+from pallas_kernels import decode_attention as da  # noqa: E402
+from pallas_kernels import quantized_decode_attention as qda  # noqa: E402
+
+
+def _profiler(on: bool) -> None:
+    """cudaProfilerStart / Stop (no-op without a CUDA runtime, e.g. on CPU)."""
+    for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        (lib.cudaProfilerStart if on else lib.cudaProfilerStop)()
+        return
+    try:  # torch ships its own runtime
+        import torch
+
+        (torch.cuda.profiler.start if on else torch.cuda.profiler.stop)()
+    except Exception:  # noqa: BLE001
+        print("no CUDA runtime found: profiler range not marked")
+
+
+QUANT_VARIANTS = {  # kernel keyword arguments of the quantized cases (int{bits}_{name})
+    "default": {},
+    "fold": dict(variant="fold", num_warps=4, num_stages=1),
+    "fold2": dict(variant="fold", num_warps=2, num_stages=1),
+    "foldu": dict(variant="fold", num_warps=4, num_stages=1, unroll=True),
+    "tile": dict(variant="tile", block_tokens=64, num_warps=8, num_stages=1),
+}
+
+
+def cases(b: int, ctx: int, hkv: int, g: int, d: int) -> dict:
+    """name -> (jitted fn, args)."""
+    k, v, lengths, pos = make_cache(jax.random.key(1), b, hkv, ctx, d, jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(2), (b, hkv * g, d), jnp.bfloat16)
+    qpos = jnp.full((b,), ctx, jnp.int32)
+    out = {}
+    out["dense"] = (jax.jit(lambda q, k, v, ln, p, qp: da.ragged_decode_attention(
+        q, k, v, ln, kv_positions=p, q_positions=qp)), (q, k, v, lengths, pos, qpos))
+    idx, cnt = random_blocks(b, hkv, ctx // 64, 8)
+    out["bs_1/8"] = (jax.jit(lambda q, k, v, ln, p, qp, i, c: bsa.block_sparse_decode(
+        q, k, v, ln, i, c, block_size=64, kv_positions=p, q_positions=qp)),
+        (q, k, v, lengths, pos, qpos, idx, cnt))
+    for page in (16, 32):
+        ql = from_layer(attention.LayerCache(k, v, lengths, pos), page_size=page,
+                        token_budget=ctx // 8)
+        out[f"quest{page}"] = (jax.jit(lambda q, ql, qp: quest_attend(
+            q[:, :, None], qp[:, None], ql)[:, :, 0]), (q, ql, qpos))
+    for bits in (4, 2, 8):
+        arrs = random_quantized(jax.random.key(bits), b, hkv, ctx - 128, d, bits, 32, 128)
+        for variant, kw in QUANT_VARIANTS.items():
+            out[f"int{bits}_{variant}"] = (
+                jax.jit(functools.partial(qda.quantized_decode_attention, **kw)),
+                (q, *(arrs[n] for n in QARGS)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default="", help="comma-separated case names (default: all)")
+    ap.add_argument("--cpu", action="store_true", help="tiny shapes, interpret mode")
+    args = ap.parse_args()
+    b, ctx = (1, 1024) if args.cpu else (8, 32768)
+    todo = cases(b, ctx, 8, 4, 128)
+    if args.only:
+        todo = {n: todo[n] for n in args.only.split(",")}
+    for name, (fn, a) in todo.items():  # compile + warm up outside the profiled range
+        jax.block_until_ready(fn(*a))
+        jax.block_until_ready(fn(*a))
+        print("ready", name, flush=True)
+    _profiler(True)
+    for fn, a in todo.values():
+        jax.block_until_ready(fn(*a))
+    _profiler(False)
+    print("profiled:", ", ".join(todo), flush=True)
+
+
+if __name__ == "__main__":
+    main()
