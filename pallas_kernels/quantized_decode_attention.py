@@ -30,8 +30,9 @@ into the small operands instead of being applied to every element:
 with the codes c exact in the dot dtype (the 2^23 trick: shift, mask-or, one FADD); by default
 (`zero_in_codes`) the zero points go into the code operand as c + zero / scale, which removes the
 two row reductions per step. `dequant=True` scales the code tiles instead (k = c * scale + zero,
-one FMA per element), leaving the queries and probabilities untouched: 31% fewer instructions
-per token in the offline compile report (`experiments/kernel_report.py`), not yet timed.
+one FMA per element, fields read in place as in "tile"), leaving the queries and probabilities
+untouched: 53% fewer instructions per token in the offline compile report
+(`experiments/kernel_report.py`), not yet timed on a GPU.
 "stack" (`_stack_kernel`): "fold" with 16 / Gq fields per step stacked as query rows
 (block-diagonal operands); lowers and compiles, not yet timed.
 
@@ -357,7 +358,7 @@ def _fold_kernel(
     nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, *rest,
     bits: int, group: int, vgroup: int, blocks_per_split: int, num_splits: int,
     sm_scale: float, res_chunk: int, has_residual: bool, unroll: bool, prefetch: bool,
-    zero_in_codes: bool, dequant: bool,
+    zero_in_codes: bool, dequant: bool, fast: bool,
 ):
     """Variant "fold": one program (row b, KV head h, split s); refs per (b, h):
     kc_ref, vc_ref uint32[Nb, G, D]; ks_ref, kz_ref [Nb, P, D]; vs_ref, vz_ref [Nb, P, ncg, G].
@@ -375,7 +376,9 @@ def _fold_kernel(
     dequant instead applies scale and zero to the code tiles (one FMA per element, the [1, D]
     key rows and [G, 1] value columns broadcast): the dots' A operands (queries,
     probabilities) are held by every warp of a program, so scaling them costs more per step
-    than scaling the codes (compiled-code count, `experiments/kernel_report.py`)."""
+    than scaling the codes (compiled-code count, `experiments/kernel_report.py`). With
+    dequant, fields are read in place as in "tile" (`unpack_plan`: one word shift per group of
+    fields, then one mask-or per element; `fast` also drops the FADD, error <= scale * 2^-9)."""
     rk_ref, rv_ref, o_ref, m_ref, l_ref = _out_refs(rest, has_residual)
     split = pl.program_id(2)
     per = 32 // bits
@@ -402,12 +405,26 @@ def _fold_kernel(
 
     qd = (q * sm_scale).astype(ddt)  # the score dot's A operand when dequantizing
 
-    def field(n, j, kw, vws, carry):
+    def pow2(e):  # 2.0 ** e (e an int32 scalar in [-126, 127]) from the exponent bits
+        return lax.bitcast_convert_type((jnp.int32(e) + 127) << 23, jnp.float32)
+
+    def dq(words, pos, scale, zero):
+        """code * scale + zero for the field at bit `pos` of `words` (already shifted by its
+        plan entry): one mask-or and one FMA per element (+ one FADD when exact)."""
+        m = jnp.uint32(2**bits - 1) << jnp.uint32(pos) if isinstance(pos, int) else \
+            jnp.uint32(2**bits - 1) << pos.astype(jnp.uint32)
+        if fast:  # f = 1 + code 2^(pos - 23); the zero point absorbs the 1 (error <= s 2^-9)
+            f = lax.bitcast_convert_type((words & m) | jnp.uint32(_ONE), jnp.float32)
+            sa = scale * pow2(23 - pos)
+            return f * sa + (zero - sa)
+        f = lax.bitcast_convert_type((words & m) | jnp.uint32(_MAGIC), jnp.float32) - _MAGIC_F
+        return f * (scale * pow2(-pos)) + zero  # f = code 2^pos exactly
+
+    def field(n, j, kw, vws, carry, shift=0):
         ks = ks_ref[n, pl.ds(j, 1), :].astype(jnp.float32)  # [1, D]
         kz = kz_ref[n, pl.ds(j, 1), :].astype(jnp.float32)
         if dequant:  # k = code * scale + zero on the B operand; A (the queries) stays put
-            k = (_exact_codes(kw, (j * bits).astype(jnp.uint32), mask) * ks + kz).astype(ddt)
-            s = _dot_nt(qd, k)
+            s = _dot_nt(qd, dq(kw, j * bits - shift, ks, kz).astype(ddt))
         elif zero_in_codes:  # q . (s (c + z / s)): no row reduction for the zero term
             ks = safe(ks)
             s = _dot_nt((q * (ks * sm_scale)).astype(ddt), codes(kw, j, _over(kz, ks)))
@@ -424,8 +441,8 @@ def _fold_kernel(
                 vs = vs_ref[n, j, c, :].astype(jnp.float32)  # [G] (per token)
                 vz = vz_ref[n, j, c, :].astype(jnp.float32)
                 if dequant:
-                    v = _exact_codes(vws[c], (j * bits).astype(jnp.uint32), mask)
-                    out.append(_dot_nn(pd, (v * vs[:, None] + vz[:, None]).astype(ddt)))
+                    v = dq(vws[c], j * bits - shift, vs[:, None], vz[:, None])
+                    out.append(_dot_nn(pd, v.astype(ddt)))
                 elif zero_in_codes:
                     vs = safe(vs)
                     out.append(_dot_nn((probs * vs[None, :]).astype(ddt),
@@ -441,7 +458,19 @@ def _fold_kernel(
         carry, words = state
         kw, vws = words if prefetch else load_words(n)
         nxt = load_words(n + 1) if prefetch else words
-        if unroll:
+        if dequant:  # fields grouped by the word shift that brings them into the mantissa
+            for shift, fields in unpack_plan(bits, fast):
+                ksrc, vsrc = _shift(kw, shift), tuple(_shift(v, shift) for v in vws)
+                j0, j1 = fields[0][0], fields[-1][0] + 1
+                if unroll:
+                    for j in range(j0, j1):
+                        carry = field(n, j, ksrc, vsrc, carry, shift)
+                else:
+                    carry = lax.fori_loop(
+                        j0, j1,
+                        lambda j, c, ks=ksrc, vs=vsrc, sh=shift: field(n, j, ks, vs, c, sh),
+                        carry)
+        elif unroll:
             for j in range(per):
                 carry = field(n, j, kw, vws, carry)
         else:
@@ -650,7 +679,8 @@ def _partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantiz
         kernel = functools.partial(_stack_kernel, fields=nf, qrows=gp, **common)
     elif fold:
         kernel = functools.partial(_fold_kernel, unroll=unroll, prefetch=prefetch,
-                                   zero_in_codes=zero_in_codes, dequant=dequant, **common)
+                                   zero_in_codes=zero_in_codes, dequant=dequant,
+                                   fast=fast_unpack, **common)
     else:
         kernel = functools.partial(_kernel, tile_blocks=nt, fast=fast_unpack,
                                    value_split=value_split, **common)
@@ -730,10 +760,10 @@ def quantized_decode_partials(
       block_tokens ("tile"): word rows per tile = tokens per dot and per softmax step (a
         power-of-two multiple of G, at most 512); one loop iteration covers block_tokens * P
         tokens.
-    fast_unpack ("tile"): read codes without the FADD of the exact 2^23 trick (`_field`): the
-      zero point absorbs a power-of-two offset, adding an error <= scale * 2^-9 per dequantized
-      element, below the rounding of the bf16/fp16 dot operands. None: on for 16-bit queries,
-      off for float32 (exact).
+    fast_unpack ("tile", and "fold" with dequant): read codes without the FADD of the exact
+      2^23 trick (`_field`): the zero point absorbs a power-of-two offset, adding an error
+      <= scale * 2^-9 per dequantized element, below the rounding of the bf16/fp16 dot
+      operands. None: on for 16-bit queries, off for float32 (exact).
     value_split ("tile"): dequantize values as D / Gv tiles [T, Gv] with one dot each instead of one
       [T, ncg, Gv] tile reshaped to [T, D] and one dot (an alternative lowering, same result).
     interpret: None runs interpreted on CPU and compiled (Triton) elsewhere.

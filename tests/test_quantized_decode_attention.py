@@ -68,6 +68,7 @@ def test_kernel_matches_reference(bits, shape):
 @pytest.mark.parametrize("kw,gq", [(dict(variant="tile"), 2), (dict(unroll=True, prefetch=True), 2),
                                    (dict(zero_in_codes=False, prefetch=True), 2),
                                    (dict(dequant=True), 2), (dict(dequant=True), 8),
+                                   (dict(dequant=True, unroll=True), 2),
                                    (dict(variant="stack"), 2), (dict(variant="stack"), 3),
                                    (dict(variant="stack", fields=2), 8)])
 def test_variants_match_reference(kw, gq):
@@ -111,7 +112,8 @@ def test_every_variant_lowers_to_triton(bits):
               sd((b, h, ng, d // g, g), bf), sd((b, h), i32), sd((b, h, r, d), bf),
               sd((b, h, r, d), bf), sd((b, h), i32))
     for kw in (dict(), dict(unroll=True), dict(prefetch=True), dict(zero_in_codes=False),
-               dict(dequant=True), dict(variant="tile"), dict(variant="stack"),
+               dict(dequant=True), dict(dequant=True, fast_unpack=False),
+               dict(variant="tile"), dict(variant="stack"),
                dict(variant="stack", fields=2)):
         def f(*a, kw=kw):
             return qda.quantized_decode_attention(*a, interpret=False, **kw)
@@ -156,16 +158,18 @@ def test_field_extraction_is_exact(fast):
 
 
 def test_fast_unpack_error_is_small():
-    """fast_unpack (the default for 16-bit queries) against the exact path, float32 queries."""
+    """fast_unpack (the default for 16-bit queries; "tile" and "fold" with dequant) against the
+    exact path, float32 queries."""
     bits, b, h, gq, d, g, nb, r = 2, 1, 2, 2, 32, 16, 2, 16
     arrs = _cache(11, b, h, d, bits, g, nb, r)
     q = _q(12, b, h * gq, d)
     args = [arrs[k] for k in ARGS]
     ref = np.asarray(qda.reference(q, *args))
-    fast = np.asarray(qda.quantized_decode_attention(q, *args, variant="tile", fast_unpack=True))
-    # per element <= scale * 2^-9 on keys and values (scale <= 2/3 here)
-    np.testing.assert_allclose(fast, ref, rtol=0, atol=2e-3)
-    assert np.abs(fast - ref).max() > 0  # the approximation is really in use
+    for kw in (dict(variant="tile"), dict(variant="fold", dequant=True)):
+        fast = np.asarray(qda.quantized_decode_attention(q, *args, fast_unpack=True, **kw))
+        # per element <= scale * 2^-9 on keys and values (scale <= 2/3 here)
+        np.testing.assert_allclose(fast, ref, rtol=0, atol=2e-3)
+        assert np.abs(fast - ref).max() > 0  # the approximation is really in use
 
 
 def test_value_groups_narrower_than_token_groups_and_bf16():
