@@ -739,7 +739,9 @@ def quantized_decode_partials(
     """Split-K partials: (o float32[B, Hkv, S, Gq, D], m, l float32[B, Hkv, S, Gq]).
 
     o is the unnormalised output, m the running max and l the softmax denominator of each
-    split; the residual window (when given) is the last split. Merge with `combine`.
+    split; the residual window (when given) is the last split. Merge with `combine`. Scales
+    must be >= 0, as `kvjax.quant` writes them ((max - min) / levels): "fold" with
+    zero_in_codes and "stack" raise zero scales to a tiny positive one before dividing by them.
 
     variant: "fold" (`_fold_kernel`: scales folded into the query / probability rows, one block
       of G word rows and one code field per step; needs a value channel group Gv >= 16 when
