@@ -19,7 +19,7 @@ Layout (see `kvjax.quant.packing`; P = 32 // bits groups per word, G tokens per 
   residual_keys/values [B, Hkv, R, D]       full precision; slots [0, num_residual) valid
 Every stored token is taken to precede the query (true at decode), so masking is by counts only.
 
-Two kernels (`variant`), the same partials:
+Three kernels (`variant`), the same partials:
 
 "fold" (`_fold_kernel`, the default): one loop step = one code field j of one block (the G
 tokens of group n * P + j). The block's key and value words are loaded once and read for each of
@@ -43,7 +43,7 @@ scales broadcast and reshaped), cast, and fed to one score dot and one value dot
 channel group with `value_split`). Split-K: each split owns whole tiles; its last tile is moved
 back inside the array when it would run past the end, and blocks it re-reads are masked.
 
-Both visit tokens in field-major order; attention does not depend on the order.
+All visit tokens in field-major order; attention does not depend on the order.
 
 Bytes read per token and KV head at D=128, G=32, 16-bit scale/zero: int8 288, int4 160, int2 96
 versus 512 for a bf16 cache (1.8x, 3.2x, 5.3x less).
