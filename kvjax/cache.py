@@ -36,13 +36,12 @@ from flax import struct
 Array = jax.Array
 
 
-@struct.dataclass
-class LayerCache:
+class KeysShape:
+    """Shape properties of a cache kind whose `keys` array is [B, Hkv, C, D] (LayerCache,
+    QuestLayerCache, LowRankLayerCache with its own head_dim): batch, num_heads, capacity,
+    head_dim."""
+
     keys: Array
-    values: Array
-    lengths: Array
-    positions: Array
-    slot_data: dict[str, Array] = struct.field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -59,6 +58,15 @@ class LayerCache:
     @property
     def head_dim(self) -> int:
         return self.keys.shape[3]
+
+
+@struct.dataclass
+class LayerCache(KeysShape):
+    keys: Array
+    values: Array
+    lengths: Array
+    positions: Array
+    slot_data: dict[str, Array] = struct.field(default_factory=dict)
 
 
 @struct.dataclass

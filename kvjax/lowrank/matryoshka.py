@@ -243,7 +243,7 @@ def loss(rank_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0), ce_weight: 
 
 
 @struct.dataclass
-class LowRankLayerCache:
+class LowRankLayerCache(kvcache.KeysShape):
     """One layer's cache of projected keys and values.
 
     keys [B, Hkv, C, Rk], values [B, Hkv, C, Rv]: leading coordinates of the centred projected
@@ -261,19 +261,7 @@ class LowRankLayerCache:
     value_mean: Array
 
     @property
-    def batch(self) -> int:
-        return self.keys.shape[0]
-
-    @property
-    def num_heads(self) -> int:
-        return self.keys.shape[1]
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[2]
-
-    @property
-    def head_dim(self) -> int:
+    def head_dim(self) -> int:  # the model's head dim, not the projected width of keys
         return self.key_basis.shape[1]
 
     @property

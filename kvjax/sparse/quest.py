@@ -48,7 +48,7 @@ Array = jax.Array
 
 
 @struct.dataclass
-class QuestLayerCache:
+class QuestLayerCache(kvcache.KeysShape):
     keys: Array
     values: Array
     lengths: Array
@@ -63,22 +63,6 @@ class QuestLayerCache:
         # Static fields must stay hashable Python ints (`kvjax.cache.restore` hands back arrays).
         object.__setattr__(self, "page_size", int(self.page_size))
         object.__setattr__(self, "token_budget", int(self.token_budget))
-
-    @property
-    def batch(self) -> int:
-        return self.keys.shape[0]
-
-    @property
-    def num_heads(self) -> int:
-        return self.keys.shape[1]
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.keys.shape[3]
 
     @property
     def num_pages(self) -> int:
