@@ -486,17 +486,18 @@ def _decode_kernel(*refs, has_pos, has_bias, group, rows, block_k, block_size, s
     length = len_ref[b, h]
     qpos = qpos_ref[b] if has_pos else None
     pages = None
+    nblk = k_ref.shape[2] // block_size  # list ids are clamped to [0, nblk) in the kernel
     if list_mode == "preload":  # this piece's list entries, loaded once
         ent = lo + jnp.arange(per_max)
         pages = masked_load(idx_ref.at[b, h, jnp.where(ent < hi, ent, 0)], ent < hi, 0)
-        pages = jnp.clip(pages, 0, k_ref.shape[2] // block_size - 1)
+        pages = jnp.clip(pages, 0, nblk - 1)
 
     def idx_at(e):
         return idx_ref[b, h, e] if jnp.ndim(e) == 0 else idx_ref.at[b, h, e]
 
     slots = functools.partial(_list_slots, idx_at, pages, lo, hi, block_k=block_k,
                               block_size=block_size, n=n, list_mode=list_mode, per_max=per_max,
-                              nblk=k_ref.shape[2] // block_size)
+                              nblk=nblk)
 
     def attend(slot, inside, carry):
         ok = inside & (slot < length)

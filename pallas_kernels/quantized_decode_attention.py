@@ -145,27 +145,40 @@ def _shift(words: Array, shift: int) -> Array:
     return words
 
 
-def _field(src: Array, bits: int, pos: int, fast: bool) -> tuple[Array, float, float]:
+def _pow2(e):
+    """2.0 ** e: a Python float for an int e, else float32 from the exponent bits of an int32
+    scalar in [-126, 127] (a field position only known inside a loop)."""
+    if isinstance(e, int):
+        return 2.0**e
+    return lax.bitcast_convert_type((e.astype(jnp.int32) + 127) << 23, jnp.float32)
+
+
+def _field(src: Array, bits: int, pos, fast: bool) -> tuple[Array, float, float]:
     """The code at bit `pos` of `src` words as float32 f with code * scale + zero =
-    f * (scale * a) + (zero - scale * b); returns (f, a, b) (a, b static).
+    f * (scale * a) + (zero - scale * b); returns (f, a, b). pos is an int (then a, b are
+    Python floats) or an int32 scalar traced in a loop (then a, and b when fast, are float32).
 
     One LOP3 (mask and or into a float's bits), no int->float conversion:
       exact (a field below bit 23): f = 2^23 + code * 2^pos - 2^23 (one FADD): a = 2^-pos, b = 0;
       fast: f = 1 + code * 2^(pos - 23) (no FADD): a = b = 2^(23 - pos); the rounding of
         zero - scale * b costs <= scale * 2^(-1 - pos) (pos >= FAST_WINDOW), below bf16 rounding.
     """
-    c = src & jnp.uint32((2**bits - 1) << pos)
+    mask = jnp.uint32(2**bits - 1)
+    shifted = mask << (jnp.uint32(pos) if isinstance(pos, int) else pos.astype(jnp.uint32))
+    c = src & shifted
     if fast:
-        a = 2.0 ** (_MANTISSA - pos)
+        a = _pow2(_MANTISSA - pos)
         return lax.bitcast_convert_type(c | jnp.uint32(_ONE), jnp.float32), a, a
     f = lax.bitcast_convert_type(c | jnp.uint32(_MAGIC), jnp.float32) - _MAGIC_F
-    return f, 2.0**-pos, 0.0
+    return f, _pow2(-pos), 0.0
 
 
-def _affine(f: Array, scale: Array, zero: Array, a: float, b: float) -> Array:
-    """f * (scale * a) + (zero - scale * b) (scale, zero broadcast against f; b is 0 or a)."""
+def _affine(f: Array, scale: Array, zero: Array, a, b) -> Array:
+    """f * (scale * a) + (zero - scale * b) (scale, zero broadcast against f; b is 0.0 or a)."""
     sa = scale * a
-    return f * sa + (zero - sa if b else zero)
+    if isinstance(b, float) and b == 0.0:
+        return f * sa + zero
+    return f * sa + (zero - sa)
 
 
 def _online_update(carry, s, valid, pv):
@@ -391,12 +404,10 @@ def _fold_kernel(
     w_row = lax.broadcasted_iota(jnp.int32, (1, group), 1)
     start, stop = _split_blocks(nq, split, per * group, blocks_per_split, num_splits)
     mask = jnp.uint32(2**bits - 1)
-    safe = _safe_scale
 
     def codes(words, j, off=None):  # field j (a Python int when unrolled) in the dot dtype:
         # the exact code, or code + off (zero / scale, broadcast) with zero_in_codes
-        shift = jnp.uint32(j * bits) if isinstance(j, int) else (j * bits).astype(jnp.uint32)
-        f = _exact_codes(words, shift, mask)
+        f = _exact_codes(words, lax.convert_element_type(j * bits, jnp.uint32), mask)
         return (f if off is None else f + off).astype(ddt)
 
     def load_words(n):
@@ -405,20 +416,9 @@ def _fold_kernel(
 
     qd = (q * sm_scale).astype(ddt)  # the score dot's A operand when dequantizing
 
-    def pow2(e):  # 2.0 ** e (e an int32 scalar in [-126, 127]) from the exponent bits
-        return lax.bitcast_convert_type((jnp.int32(e) + 127) << 23, jnp.float32)
-
-    def dq(words, pos, scale, zero):
-        """code * scale + zero for the field at bit `pos` of `words` (already shifted by its
-        plan entry): one mask-or and one FMA per element (+ one FADD when exact)."""
-        m = jnp.uint32(2**bits - 1) << jnp.uint32(pos) if isinstance(pos, int) else \
-            jnp.uint32(2**bits - 1) << pos.astype(jnp.uint32)
-        if fast:  # f = 1 + code 2^(pos - 23); the zero point absorbs the 1 (error <= s 2^-9)
-            f = lax.bitcast_convert_type((words & m) | jnp.uint32(_ONE), jnp.float32)
-            sa = scale * pow2(23 - pos)
-            return f * sa + (zero - sa)
-        f = lax.bitcast_convert_type((words & m) | jnp.uint32(_MAGIC), jnp.float32) - _MAGIC_F
-        return f * (scale * pow2(-pos)) + zero  # f = code 2^pos exactly
+    def dq(words, pos, scale, zero):  # code * scale + zero, the field read in place
+        f, a, b = _field(words, bits, pos, fast)
+        return _affine(f, scale, zero, a, b)
 
     def field(n, j, kw, vws, carry, shift=0):
         ks = ks_ref[n, pl.ds(j, 1), :].astype(jnp.float32)  # [1, D]
@@ -426,7 +426,7 @@ def _fold_kernel(
         if dequant:  # k = code * scale + zero on the B operand; A (the queries) stays put
             s = _dot_nt(qd, dq(kw, j * bits - shift, ks, kz).astype(ddt))
         elif zero_in_codes:  # q . (s (c + z / s)): no row reduction for the zero term
-            ks = safe(ks)
+            ks = _safe_scale(ks)
             s = _dot_nt((q * (ks * sm_scale)).astype(ddt), codes(kw, j, _over(kz, ks)))
         else:
             zq = jnp.sum(q * kz, axis=1) * sm_scale  # [gp]
@@ -444,7 +444,7 @@ def _fold_kernel(
                     v = dq(vws[c], j * bits - shift, vs[:, None], vz[:, None])
                     out.append(_dot_nn(pd, v.astype(ddt)))
                 elif zero_in_codes:
-                    vs = safe(vs)
+                    vs = _safe_scale(vs)
                     out.append(_dot_nn((probs * vs[None, :]).astype(ddt),
                                        codes(vws[c], j, _over(vz, vs)[:, None])))
                 else:
@@ -521,13 +521,12 @@ def _stack_kernel(
     slot_v = lax.broadcasted_iota(jnp.int32, (fields, 1, 1), 0)  # jj of Vf's [F, G, Gv]
     start, stop = _split_blocks(nq, split, per * group, blocks_per_split, num_splits)
     mask = jnp.uint32(2**bits - 1)
-    safe = _safe_scale
 
     def unpack(words, slot, j0):  # exact codes of fields j0 + slot, float32
         return _exact_codes(words, ((j0 + slot) * bits).astype(jnp.uint32), mask)
 
     def step(n, j0, kw, vws, carry):
-        ks = safe(ks_ref[n, pl.ds(j0, fields), :].astype(jnp.float32))  # [F, D]
+        ks = _safe_scale(ks_ref[n, pl.ds(j0, fields), :].astype(jnp.float32))  # [F, D]
         kz = kz_ref[n, pl.ds(j0, fields), :].astype(jnp.float32)
         cf = unpack(kw[:, None, :], slot_k, j0) + _over(kz, ks)[None]  # [G, F, D]
         qf = jnp.where(diag, q[:, None, :] * (ks * sm_scale)[None], 0.0)  # [R, F, D]
@@ -539,7 +538,7 @@ def _stack_kernel(
         def pv(probs):
             out = []
             for c in range(ncg):
-                vs = safe(vs_ref[n, pl.ds(j0, fields), c, :].astype(jnp.float32))  # [F, G]
+                vs = _safe_scale(vs_ref[n, pl.ds(j0, fields), c, :].astype(jnp.float32))
                 vz = vz_ref[n, pl.ds(j0, fields), c, :].astype(jnp.float32)
                 vf = unpack(vws[c][None], slot_v, j0) + _over(vz, vs)[:, :, None]  # [F, G, Gv]
                 pf = jnp.where(diag, probs[:, None, :] * vs[None], 0.0)  # [R, F, G]
