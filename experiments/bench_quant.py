@@ -65,6 +65,7 @@ flags.DEFINE_string(
     "'{\"2\": {\"block_tokens\": 128, \"num_warps\": 8, \"num_stages\": 1}}'; "
     "unlisted bits use the kernel defaults",
 )
+flags.DEFINE_string("grid", "", "--tune: a JSON list of configs to sweep instead of TUNE_GRID")
 flags.DEFINE_float("max_gb", 60.0, "skip cells needing more device memory than this (GB)")
 
 RESULTS: dict = {"rows": [], "checks": [], "sweep": [], "errors": [], "skipped": []}
@@ -72,18 +73,21 @@ T0 = time.time()
 
 # The --tune grid, in priority order (kernel keyword arguments; the rest are the defaults).
 TUNE_GRID = [
-    # untimed when written (third session), ordered by the offline compile report
-    # (experiments/kernel_report.py, warp-instructions per int4 token): "fold" with the scales
-    # on the code tiles and fields read in place (51 at 2 warps, 66 at 4, 88 at 8), exact (60)
-    dict(variant="fold", num_warps=2, num_stages=1, dequant=True),
-    dict(variant="fold", num_warps=4, num_stages=1, dequant=True),
-    dict(variant="fold", num_warps=2, num_stages=1, dequant=True, num_splits=32),
-    dict(variant="fold", num_warps=8, num_stages=1, dequant=True),
+    # the best of the fourth session's first sweep ("fold", dequant, exact unpack, 2 warps) and,
+    # around it, options untimed when written: `reload` (words re-read per field instead of held
+    # in registers: 254 -> 168 registers at 4 warps offline), `fields` per softmax step, splits
     dict(variant="fold", num_warps=2, num_stages=1, dequant=True, fast_unpack=False),
-    # the measured default ("fold", 2 warps, 16 splits at 8 x 8 heads; 109) and others
-    dict(variant="fold", num_warps=2, num_stages=1),
-    dict(variant="stack", num_warps=4, num_stages=1),
-    dict(variant="tile", block_tokens=64, num_warps=8, num_stages=1),  # the v2 default
+    dict(variant="fold", num_warps=2, num_stages=1, dequant=True, fast_unpack=False, reload=True),
+    dict(variant="fold", num_warps=4, num_stages=1, dequant=True, fast_unpack=False, reload=True),
+    dict(variant="fold", num_warps=4, num_stages=1, dequant=True, reload=True),
+    dict(variant="fold", num_warps=2, num_stages=1, dequant=True, reload=True),
+    dict(variant="fold", num_warps=2, num_stages=1, dequant=True, fast_unpack=False, fields=2),
+    dict(variant="fold", num_warps=2, num_stages=1, dequant=True, fast_unpack=False,
+         num_splits=32),
+    dict(variant="fold", num_warps=2, num_stages=1, dequant=True, fast_unpack=False,
+         num_splits=8),
+    dict(variant="fold", num_warps=8, num_stages=1, dequant=True, fast_unpack=False, reload=True),
+    dict(variant="fold", num_warps=2, num_stages=2, dequant=True, fast_unpack=False),
 ]
 
 
@@ -305,7 +309,7 @@ def tune():
     base, _ = time_dense(b, s, qkey, only=("dense kernel", "dense jnp reference"))
     RESULTS["tune_baseline"] = {k: v * 1e6 for k, v in base.items()}
     dense = next(iter(base.values()), None)
-    for cfg in TUNE_GRID:
+    for cfg in json.loads(FLAGS.grid) if FLAGS.grid else TUNE_GRID:
         for bits in bits_list:
             if over_budget():
                 RESULTS["skipped"].append(f"tune int{bits} {cfg}")
@@ -332,6 +336,8 @@ def tune():
         speed = f"  {dense / t:.2f}x faster than the dense kernel" if dense else ""
         log(f"best int{k}: {cfg} {t * 1e6:.1f} us{speed}")
     log(f"--config='{text}'")
+    with open(os.path.join(FLAGS.out, "best_config.json"), "w") as f:  # for --config="$(cat ..)"
+        f.write(text)
 
 
 def dense_ops():

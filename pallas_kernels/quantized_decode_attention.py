@@ -23,18 +23,19 @@ Three kernels (`variant`), the same partials:
 
 "fold" (`_fold_kernel`, the default): one loop step = one code field j of one block (the G
 tokens of group n * P + j). The block's key and value words are loaded once and read for each of
-its P fields (a dynamic loop: one field's registers, whatever the bit width). Scales are folded
-into the small operands instead of being applied to every element:
+its P fields (a dynamic loop: one field's registers, whatever the bit width). By default
+(`dequant=True`) each field is read in place (`unpack_plan`: one word shift per group of fields,
+then a mask-or and the exact 2^23 trick per element) and scaled on the code tile,
+k = c * scale + zero (one FMA per element), leaving the queries and probabilities untouched.
+`dequant=False` folds the scales into the small operands instead:
   scores = (q * k_scale) @ c^T [+ q . k_zero]        k_scale, k_zero: the group's [1, D] rows
   out_c += (p * v_scale_c) @ c_c [+ p . v_zero_c]    per channel group c, per-token scales
-with the codes c exact in the dot dtype (the 2^23 trick: shift, mask-or, one FADD); by default
-(`zero_in_codes`) the zero points go into the code operand as c + zero / scale, which removes the
-two row reductions per step. `dequant=True` scales the code tiles instead (k = c * scale + zero,
-one FMA per element, fields read in place as in "tile"), leaving the queries and probabilities
-untouched: 53% fewer instructions per token in the offline compile report
-(`experiments/kernel_report.py`), not yet timed on a GPU.
+with (`zero_in_codes`) the zero points in the code operand as c + zero / scale.
+Options (timed, not faster, docs/benchmarks_quant.md): `reload` (re-read the words per field
+instead of holding them in registers), `fields` (several fields per online-softmax step),
+`fast_unpack` (no FADD; spills at 2 warps).
 "stack" (`_stack_kernel`): "fold" with 16 / Gq fields per step stacked as query rows
-(block-diagonal operands); lowers and compiles, not yet timed.
+(block-diagonal operands); timed 2.1x slower than the default.
 
 "tile" (`_kernel`, kept for Gv < 16 and for comparison): one iteration = one tile of Nt =
 block_tokens / G blocks; for each of the P fields (unrolled: shifts and masks constants) the
@@ -51,12 +52,11 @@ versus 512 for a bf16 cache (1.8x, 3.2x, 5.3x less).
 `reference` is the plain jnp version (dequantize, mask, float32 softmax); tests compare the kernel
 against it on CPU in interpret mode (automatic there).
 
-Measured on an H100 (2026-11-23, third session, `experiments/bench_quant.py`, 32k x batch 8):
-"fold" int8 814 / int4 774 / int2 754 us vs 369 us for the bf16 dense kernel (0.45-0.49x;
-"tile" 957 / 855 / 1102 us). Both are bound by per-step overhead, not bytes: in Nsight Compute
-the time is the same for every bit width per 32-token step (~1.5 us of SM time), the issue slots
-are 30% busy and occupancy is register-limited (2 warps per scheduler). docs/benchmarks_quant.md
-has the profile and the next steps.
+Measured on an H100 (2026-12-05, fourth session, `experiments/bench_quant.py`, 32k x batch 8):
+the default ("fold", dequant, exact unpack, 2 warps) int8 455 / int4 413 / int2 391 us vs 365 us
+for the bf16 dense kernel (0.80x / 0.88x / 0.93x; third session's default 814 / 774 / 754 us).
+Still bound by per-step work (one 32-token field per softmax step, ~0.8 us of SM time each), not
+bytes. docs/benchmarks_quant.md has the sweeps, the profile and the next steps.
 """
 
 from __future__ import annotations
@@ -118,14 +118,21 @@ _ONE = 0x3F800000  # float32 bits of 1.0
 FAST_WINDOW = 8  # fast unpack: fields sit at mantissa bits >= 8 (error <= scale * 2^-9)
 
 
-def unpack_plan(bits: int, fast: bool) -> list[tuple[int, list[tuple[int, int]]]]:
+def unpack_plan(
+    bits: int, fast: bool, multiple: int = 1
+) -> list[tuple[int, list[tuple[int, int]]]]:
     """Static plan [(shift, [(field j, bit position p), ...]), ...] of one word's P fields.
 
     Each entry shifts the word once (shift > 0: right, < 0: left, 0: none) and then reads its
     fields at bit p with one mask/or (see `_field`); p lies in [lo, 23 - bits] with lo = 0
-    (exact) or FAST_WINDOW (fast), so a few shifts per word serve all P fields.
+    (exact) or FAST_WINDOW (fast), so a few shifts per word serve all P fields. Every entry
+    holds a multiple of `multiple` fields (a power of two dividing P that fits one shift's
+    window; `fields_per_shift`).
     """
     per, lo, top = 32 // bits, FAST_WINDOW if fast else 0, _MANTISSA - bits
+    if multiple < 1 or per % multiple or multiple > fields_per_shift(bits, fast):
+        raise ValueError(f"multiple must divide {per} and be at most "
+                         f"{fields_per_shift(bits, fast)} at {bits} bits, got {multiple}")
     plan, j = [], 0
     while j < per:
         shift = bits * j - lo
@@ -133,8 +140,16 @@ def unpack_plan(bits: int, fast: bool) -> list[tuple[int, list[tuple[int, int]]]
         while j < per and bits * j - shift <= top:
             fields.append((j, bits * j - shift))
             j += 1
-        plan.append((shift, fields))
+        keep = len(fields) // multiple * multiple
+        j -= len(fields) - keep
+        plan.append((shift, fields[:keep]))
     return plan
+
+
+def fields_per_shift(bits: int, fast: bool) -> int:
+    """Largest power of two of fields one word shift can serve (`unpack_plan`)."""
+    n = (_MANTISSA - bits - (FAST_WINDOW if fast else 0)) // bits + 1
+    return min(32 // bits, _pow2_floor(n))
 
 
 def _shift(words: Array, shift: int) -> Array:
@@ -186,12 +201,23 @@ def _online_update(carry, s, valid, pv):
 
     pv(probs) -> list of per-channel-group products probs @ v_c, added to the rescaled
     accumulators."""
+    return _online_update_many(carry, [(s, valid, pv)])
+
+
+def _online_update_many(carry, tiles):
+    """One online-softmax step over several score tiles [(s [gp, T], valid [1, T], pv), ...]:
+    one running-max update and one rescale of the accumulators for all of them."""
     m, den, accs = carry
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_new = m
+    for s, _, _ in tiles:
+        m_new = jnp.maximum(m_new, jnp.max(s, axis=1))
     alpha = jnp.exp(m - m_new)
-    probs = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
-    den = den * alpha + jnp.sum(probs, axis=1)
-    accs = tuple(a * alpha[:, None] + c for a, c in zip(accs, pv(probs)))
+    den = den * alpha
+    accs = tuple(a * alpha[:, None] for a in accs)
+    for s, valid, pv in tiles:
+        probs = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
+        den = den + jnp.sum(probs, axis=1)
+        accs = tuple(a + c for a, c in zip(accs, pv(probs)))
     return m_new, den, accs
 
 
@@ -371,7 +397,8 @@ def _fold_kernel(
     nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, *rest,
     bits: int, group: int, vgroup: int, blocks_per_split: int, num_splits: int,
     sm_scale: float, res_chunk: int, has_residual: bool, unroll: bool, prefetch: bool,
-    zero_in_codes: bool, dequant: bool, fast: bool,
+    zero_in_codes: bool, dequant: bool, fast: bool, reload: bool = False, nf: int = 1,
+    gather: bool = False,
 ):
     """Variant "fold": one program (row b, KV head h, split s); refs per (b, h):
     kc_ref, vc_ref uint32[Nb, G, D]; ks_ref, kz_ref [Nb, P, D]; vs_ref, vz_ref [Nb, P, ncg, G].
@@ -391,7 +418,15 @@ def _fold_kernel(
     probabilities) are held by every warp of a program, so scaling them costs more per step
     than scaling the codes (compiled-code count, `experiments/kernel_report.py`). With
     dequant, fields are read in place as in "tile" (`unpack_plan`: one word shift per group of
-    fields, then one mask-or per element; `fast` also drops the FADD, error <= scale * 2^-9)."""
+    fields, then one mask-or per element; `fast` also drops the FADD, error <= scale * 2^-9).
+    With dequant (and the field loop not unrolled), `reload` reads a block's words again in
+    every step instead of holding them in registers across the field loop (the block is in L1
+    after its first step): fewer registers per thread, more L1 loads. `nf` fields (with
+    dequant) share one online-softmax step: one running-max update and one accumulator rescale
+    per nf * G tokens (separate dots per field, no reshapes). `gather` (with dequant) loads the
+    scales and zero points of a field as whole [G, D] / [G, Gv] tiles (every element its own
+    address, repeated ones served by L1) instead of a [1, D] row / [G] column broadcast over the
+    tile, which Triton routes through shared memory behind a barrier."""
     rk_ref, rv_ref, o_ref, m_ref, l_ref = _out_refs(rest, has_residual)
     split = pl.program_id(2)
     per = 32 // bits
@@ -415,14 +450,33 @@ def _fold_kernel(
         return kc_ref[n], tuple(vc_ref[n, :, pl.ds(c * vgroup, vgroup)] for c in range(ncg))
 
     qd = (q * sm_scale).astype(ddt)  # the score dot's A operand when dequantizing
+    reloading = dequant and reload and not unroll
 
     def dq(words, pos, scale, zero):  # code * scale + zero, the field read in place
         f, a, b = _field(words, bits, pos, fast)
         return _affine(f, scale, zero, a, b)
 
     def field(n, j, kw, vws, carry, shift=0):
-        ks = ks_ref[n, pl.ds(j, 1), :].astype(jnp.float32)  # [1, D]
-        kz = kz_ref[n, pl.ds(j, 1), :].astype(jnp.float32)
+        return fields_step(n, [j], kw, vws, carry, shift)
+
+    def fields_step(n, js, kw, vws, carry, shift=0):  # one online-softmax step, fields js
+        if kw is None:  # reload: this step's own load of the block (j >> 30 == 0 keeps the
+            # loop-invariant load inside the loop)
+            kw, vws = load_words(n + (js[0] >> 30))
+            kw, vws = _shift(kw, shift), tuple(_shift(v, shift) for v in vws)
+        return _online_update_many(carry, [tile(n, j, kw, vws, shift) for j in js])
+
+    g_rows = jnp.zeros((group, 1), jnp.int32)  # gathered scales: [G, D] / [G, Gv] indices
+    g_cols = lax.broadcasted_iota(jnp.int32, (1, d), 1)
+    g_tok = lax.broadcasted_iota(jnp.int32, (group, vgroup), 0)
+
+    def tile(n, j, kw, vws, shift):  # (scores [gp, G], valid [1, G], pv) of field j
+        if gather:  # the [1, D] rows loaded straight into the tile's shape (no broadcast)
+            ks = ks_ref[n, g_rows + j, g_cols].astype(jnp.float32)  # [G, D]
+            kz = kz_ref[n, g_rows + j, g_cols].astype(jnp.float32)
+        else:
+            ks = ks_ref[n, pl.ds(j, 1), :].astype(jnp.float32)  # [1, D]
+            kz = kz_ref[n, pl.ds(j, 1), :].astype(jnp.float32)
         if dequant:  # k = code * scale + zero on the B operand; A (the queries) stays put
             s = _dot_nt(qd, dq(kw, j * bits - shift, ks, kz).astype(ddt))
         elif zero_in_codes:  # q . (s (c + z / s)): no row reduction for the zero term
@@ -438,6 +492,12 @@ def _fold_kernel(
             out = []
             pd = probs.astype(ddt)
             for c in range(ncg):
+                if dequant and gather:  # per-token scales loaded as [G, Gv] tiles
+                    v = dq(vws[c], j * bits - shift,
+                           vs_ref[n, j, c, g_tok].astype(jnp.float32),
+                           vz_ref[n, j, c, g_tok].astype(jnp.float32))
+                    out.append(_dot_nn(pd, v.astype(ddt)))
+                    continue
                 vs = vs_ref[n, j, c, :].astype(jnp.float32)  # [G] (per token)
                 vz = vz_ref[n, j, c, :].astype(jnp.float32)
                 if dequant:
@@ -452,24 +512,32 @@ def _fold_kernel(
                     out.append(pc + jnp.sum(probs * vz[None, :], axis=1)[:, None])
             return out
 
-        return _online_update(carry, s, valid, pv)
+        return s, valid, pv
 
     def block(n, state):
         carry, words = state
-        kw, vws = words if prefetch else load_words(n)
-        nxt = load_words(n + 1) if prefetch else words
+        if reloading:  # every field loads the block itself
+            kw = vws = nxt = None
+        else:
+            kw, vws = words if prefetch else load_words(n)
+            nxt = load_words(n + 1) if prefetch else words
         if dequant:  # fields grouped by the word shift that brings them into the mantissa
-            for shift, fields in unpack_plan(bits, fast):
-                ksrc, vsrc = _shift(kw, shift), tuple(_shift(v, shift) for v in vws)
-                j0, j1 = fields[0][0], fields[-1][0] + 1
-                if unroll:
-                    for j in range(j0, j1):
-                        carry = field(n, j, ksrc, vsrc, carry, shift)
+            for shift, fields in unpack_plan(bits, fast, nf):
+                if reloading:
+                    ksrc, vsrc = None, None
                 else:
-                    carry = lax.fori_loop(
-                        j0, j1,
-                        lambda j, c, ks=ksrc, vs=vsrc, sh=shift: field(n, j, ks, vs, c, sh),
-                        carry)
+                    ksrc, vsrc = _shift(kw, shift), tuple(_shift(v, shift) for v in vws)
+                j0, steps = fields[0][0], len(fields) // nf
+                if unroll:
+                    for i in range(steps):
+                        js = list(range(j0 + i * nf, j0 + (i + 1) * nf))
+                        carry = fields_step(n, js, ksrc, vsrc, carry, shift)
+                else:
+                    def step(i, c, ks=ksrc, vs=vsrc, sh=shift, j0=j0):
+                        js = [j0 + i * nf + f for f in range(nf)]
+                        return fields_step(n, js, ks, vs, c, sh)
+
+                    carry = lax.fori_loop(0, steps, step, carry)
         elif unroll:
             for j in range(per):
                 carry = field(n, j, kw, vws, carry)
@@ -477,7 +545,7 @@ def _fold_kernel(
             carry = lax.fori_loop(0, per, lambda j, c: field(n, j, kw, vws, c), carry)
         return carry, nxt
 
-    words0 = load_words(start) if prefetch else ()
+    words0 = load_words(start) if prefetch and not reloading else None
     carry, _ = lax.fori_loop(start, stop, block, (carry, words0))
 
     if has_residual:
@@ -617,12 +685,12 @@ def _pow2_floor(n: int) -> int:
     jax.jit,
     static_argnames=("scale", "variant", "block_tokens", "num_splits", "num_warps", "num_stages",
                      "fast_unpack", "value_split", "unroll", "prefetch", "zero_in_codes",
-                     "dequant", "fields", "interpret"),
+                     "dequant", "reload", "gather_scales", "fields", "interpret"),
 )
 def _partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantized,
               residual_keys, residual_values, num_residual, *, scale, variant, block_tokens,
               num_splits, num_warps, num_stages, fast_unpack, value_split, unroll, prefetch,
-              zero_in_codes, dequant, fields, interpret):
+              zero_in_codes, dequant, reload, gather_scales, fields, interpret):
     bits, g, vg, gq = _layout(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                               num_quantized)
     b, hq, d = q.shape
@@ -679,7 +747,8 @@ def _partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantiz
     elif fold:
         kernel = functools.partial(_fold_kernel, unroll=unroll, prefetch=prefetch,
                                    zero_in_codes=zero_in_codes, dequant=dequant,
-                                   fast=fast_unpack, **common)
+                                   fast=fast_unpack, reload=reload, nf=fields or 1,
+                                   gather=gather_scales, **common)
     else:
         kernel = functools.partial(_kernel, tile_blocks=nt, fast=fast_unpack,
                                    value_split=value_split, **common)
@@ -701,11 +770,13 @@ def _partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantiz
 
 
 # Launch defaults per bit width (H100, 32k x batch 8; `experiments/bench_quant.py --tune`,
-# 2026-11-23 third session: "fold" with 2 warps and ~1024 programs beat the "tile" variant for
-# every width; docs/benchmarks_quant.md).
+# 2026-12-05 fourth session: "fold" with `dequant` (scales applied to the code tiles), the exact
+# unpack, 2 warps and ~1024 programs was the best of every width in two sweeps; `reload`,
+# `fields` = 2, 4 / 8 warps, 2 stages and 8 / 32 splits were slower; docs/benchmarks_quant.md).
 DEFAULT_CONFIG = {
     bits: dict(variant="fold", block_tokens=64, num_warps=2, num_stages=1, value_split=False,
-               unroll=False, prefetch=False, zero_in_codes=True, dequant=False)
+               unroll=False, prefetch=False, zero_in_codes=True, dequant=True, reload=False,
+               fast_unpack=False, fields=None, gather_scales=False)
     for bits in (8, 4, 2)
 }
 VARIANTS = ("fold", "tile", "stack")
@@ -732,6 +803,8 @@ def quantized_decode_partials(
     prefetch: bool | None = None,
     zero_in_codes: bool | None = None,
     dequant: bool | None = None,
+    reload: bool | None = None,
+    gather_scales: bool | None = None,
     fields: int | None = None,
     interpret: bool | None = None,
 ) -> tuple[Array, Array, Array]:
@@ -756,15 +829,22 @@ def quantized_decode_partials(
         terms (see `_fold_kernel`).
       dequant ("fold"): scale the code tiles (one FMA per element) instead of folding scales
         into the query / probability rows (see `_fold_kernel`).
-      fields ("stack"): code fields per step (a power of two dividing 32 / bits; None: as many
-        as fill 16 query rows). Untimed on a GPU so far.
+      reload ("fold" with dequant): every code field loads its block's words again (from L1)
+        instead of keeping them in registers across the field loop (see `_fold_kernel`).
+      gather_scales ("fold" with dequant): load each field's scales and zero points directly as
+        [G, D] (keys) and [G, Gv] (values) tiles instead of [1, D] rows / [G] columns broadcast
+        in registers (see `_fold_kernel`).
+      fields: code fields per online-softmax step. "stack": a power of two dividing 32 / bits
+        (None: as many as fill 16 query rows). "fold": needs dequant, a power of two up to
+        `fields_per_shift(bits, fast_unpack)` (None: 1).
       block_tokens ("tile"): word rows per tile = tokens per dot and per softmax step (a
         power-of-two multiple of G, at most 512); one loop iteration covers block_tokens * P
         tokens.
     fast_unpack ("tile", and "fold" with dequant): read codes without the FADD of the exact
       2^23 trick (`_field`): the zero point absorbs a power-of-two offset, adding an error
       <= scale * 2^-9 per dequantized element, below the rounding of the bf16/fp16 dot
-      operands. None: on for 16-bit queries, off for float32 (exact).
+      operands. None: `DEFAULT_CONFIG` (off: with "fold" it spilled registers and measured
+      1.1-1.6x slower on the H100).
     value_split ("tile"): dequantize values as D / Gv tiles [T, Gv] with one dot each instead of one
       [T, ncg, Gv] tile reshaped to [T, D] and one dot (an alternative lowering, same result).
     interpret: None runs interpreted on CPU and compiled (Triton) elsewhere.
@@ -787,7 +867,11 @@ def quantized_decode_partials(
                              num_quantized)
     cfg = launch_config(DEFAULT_CONFIG[bits], block_tokens=block_tokens, num_warps=num_warps,
                         num_stages=num_stages, unroll=unroll, prefetch=prefetch,
-                        zero_in_codes=zero_in_codes, dequant=dequant)
+                        zero_in_codes=zero_in_codes, dequant=dequant, reload=reload,
+                        fast_unpack=fast_unpack, value_split=value_split, fields=fields,
+                        gather_scales=gather_scales)
+    fields = cfg["fields"]
+    fast = (q.dtype != jnp.float32) if cfg["fast_unpack"] is None else bool(cfg["fast_unpack"])
     interpret = resolve_interpret(interpret)
     if variant is None:
         variant = cfg["variant"] if vg >= 16 or interpret else "tile"
@@ -801,6 +885,15 @@ def quantized_decode_partials(
                                or fields & (fields - 1) or fields > per):
         raise ValueError(f"fields must be a power of two in [1, {per}] at {bits} bits, "
                          f"got {fields!r}")
+    if variant == "fold" and fields not in (None, 1) and (
+        not cfg["dequant"] or fields > fields_per_shift(bits, fast)
+    ):
+        raise ValueError(
+            f'fields > 1 with variant "fold" needs dequant=True and at most '
+            f"{fields_per_shift(bits, fast)} fields at {bits} bits (fast_unpack={fast}), "
+            f"got {fields!r}")
+    if variant == "tile" and fields not in (None, 1):
+        raise ValueError(f'variant "tile" takes no fields, got {fields!r}')
     bt = cfg["block_tokens"]
     if not isinstance(bt, int) or bt < g or bt % g or (bt // g) & (bt // g - 1) or bt > 512:
         raise ValueError(
@@ -814,10 +907,10 @@ def quantized_decode_partials(
         residual_keys, residual_values, num_residual, scale=scale, variant=variant,
         block_tokens=bt, num_splits=num_splits, num_warps=int(cfg["num_warps"]),
         num_stages=int(cfg["num_stages"]),
-        fast_unpack=(q.dtype != jnp.float32) if fast_unpack is None else bool(fast_unpack),
-        value_split=bool(cfg["value_split"]) if value_split is None else bool(value_split),
+        fast_unpack=fast, value_split=bool(cfg["value_split"]),
         unroll=bool(cfg["unroll"]), prefetch=bool(cfg["prefetch"]),
-        zero_in_codes=bool(cfg["zero_in_codes"]), dequant=bool(cfg["dequant"]), fields=fields,
+        zero_in_codes=bool(cfg["zero_in_codes"]), dequant=bool(cfg["dequant"]),
+        reload=bool(cfg["reload"]), gather_scales=bool(cfg["gather_scales"]), fields=fields,
         interpret=interpret,
     )
 

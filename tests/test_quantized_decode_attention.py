@@ -65,16 +65,25 @@ def test_kernel_matches_reference(bits, shape):
     assert np.isfinite(np.asarray(out)).all()
 
 
-@pytest.mark.parametrize("kw,gq", [(dict(variant="tile"), 2), (dict(unroll=True, prefetch=True), 2),
-                                   (dict(zero_in_codes=False, prefetch=True), 2),
-                                   (dict(dequant=True), 2), (dict(dequant=True), 8),
-                                   (dict(dequant=True, unroll=True), 2),
-                                   (dict(variant="stack"), 2), (dict(variant="stack"), 3),
-                                   (dict(variant="stack", fields=2), 8)])
+@pytest.mark.parametrize("kw,gq", [
+    (dict(variant="tile"), 2),
+    (dict(dequant=False, unroll=True, prefetch=True), 2),
+    (dict(dequant=False, zero_in_codes=False, prefetch=True), 2),
+    (dict(dequant=False), 2), (dict(dequant=True), 8),
+    (dict(dequant=True, prefetch=True), 2),
+    (dict(dequant=True, unroll=True), 2),
+    (dict(dequant=True, reload=True), 2),
+    (dict(dequant=True, gather_scales=True), 2),
+    (dict(dequant=True, fields=2, reload=True), 2),
+    (dict(dequant=True, fields=4), 3),
+    (dict(dequant=True, fields=2, unroll=True, fast_unpack=True), 2),
+    (dict(variant="stack"), 2), (dict(variant="stack"), 3),
+    (dict(variant="stack", fields=2), 8),
+])
 def test_variants_match_reference(kw, gq):
-    """The "tile" and "stack" kernels and the other "fold" options (the default is checked
-    above), over a ragged cache with five blocks in three splits; "stack" with 8 fields of 2
-    query heads, 4 (padded) of 3, and 2 of 8."""
+    """The "tile" and "stack" kernels and the other "fold" options (the default, "fold" with
+    dequant, is checked above), over a ragged cache with five blocks in three splits; "stack"
+    with 8 fields of 2 query heads, 4 (padded) of 3, and 2 of 8."""
     bits, b, h, d, g, nb, r = 4, 2, 2, 32, 16, 5, 16
     arrs = _cache(21, b, h, d, bits, g, nb, r)
     q = _q(22, b, h * gq, d)
@@ -93,7 +102,7 @@ def test_zero_scales_stay_finite():
     arrs["v_scale"] = arrs["v_scale"].at[:, :, 1::2].set(0)
     q = _q(24, b, h * gq, d)
     args = [arrs[k] for k in ARGS]
-    for kw in (dict(variant="fold"), dict(variant="stack"), dict(dequant=True)):
+    for kw in (dict(variant="fold"), dict(variant="stack"), dict(dequant=False)):
         out = np.asarray(qda.quantized_decode_attention(q, *args, **kw))
         assert np.isfinite(out).all()
         np.testing.assert_allclose(out, np.asarray(qda.reference(q, *args)), rtol=2e-5,
@@ -111,8 +120,11 @@ def test_every_variant_lowers_to_triton(bits):
               sd((b, h, ng, d), bf), sd((b, h, nb, g, d), u32), sd((b, h, ng, d // g, g), bf),
               sd((b, h, ng, d // g, g), bf), sd((b, h), i32), sd((b, h, r, d), bf),
               sd((b, h, r, d), bf), sd((b, h), i32))
-    for kw in (dict(), dict(unroll=True), dict(prefetch=True), dict(zero_in_codes=False),
+    for kw in (dict(), dict(unroll=True), dict(prefetch=True), dict(dequant=False),
+               dict(dequant=False, zero_in_codes=False),
                dict(dequant=True), dict(dequant=True, fast_unpack=False),
+               dict(dequant=True, reload=True), dict(dequant=True, fields=2, fast_unpack=False),
+               dict(gather_scales=True),
                dict(variant="tile"), dict(variant="stack"),
                dict(variant="stack", fields=2)):
         def f(*a, kw=kw):
@@ -146,15 +158,17 @@ def test_field_extraction_is_exact(fast):
     words = jnp.asarray(np.random.default_rng(0).integers(0, 2**32, (64,), dtype=np.uint64)
                         .astype(np.uint32))
     for bits in (2, 4, 8):
-        plan = qda.unpack_plan(bits, fast)
-        assert sorted(j for _, fields in plan for j, _ in fields) == list(range(32 // bits))
-        for shift, fields in plan:
-            for j, pos in fields:
-                assert (qda.FAST_WINDOW if fast else 0) <= pos <= 23 - bits
-                f, a, b = qda._field(qda._shift(words, shift), bits, pos, fast)
-                want = (np.asarray(words) >> (bits * j)) & (2**bits - 1)
-                got = np.asarray(f, np.float64) * a - b
-                np.testing.assert_array_equal(got, want.astype(np.float64))
+        for multiple in (1, qda.fields_per_shift(bits, fast)):  # fields per softmax step
+            plan = qda.unpack_plan(bits, fast, multiple)
+            assert sorted(j for _, fields in plan for j, _ in fields) == list(range(32 // bits))
+            assert all(len(fields) % multiple == 0 for _, fields in plan)
+            for shift, fields in plan:
+                for j, pos in fields:
+                    assert (qda.FAST_WINDOW if fast else 0) <= pos <= 23 - bits
+                    f, a, b = qda._field(qda._shift(words, shift), bits, pos, fast)
+                    want = (np.asarray(words) >> (bits * j)) & (2**bits - 1)
+                    got = np.asarray(f, np.float64) * a - b
+                    np.testing.assert_array_equal(got, want.astype(np.float64))
 
 
 def test_fast_unpack_error_is_small():
@@ -268,6 +282,14 @@ def test_bad_inputs():
         qda.quantized_decode_attention(q, *args, variant="stack", fields=3)
     with pytest.raises(ValueError, match="fields must be a power of two in"):
         qda.quantized_decode_attention(q, *args, variant="stack", fields=16)  # 8 at int4
+    with pytest.raises(ValueError, match="needs dequant=True"):
+        qda.quantized_decode_attention(q, *args, variant="fold", dequant=False, fields=2)
+    with pytest.raises(ValueError, match="at most 2 fields at 4 bits"):  # fast unpack: 2
+        qda.quantized_decode_attention(q, *args, dequant=True, fast_unpack=True, fields=4)
+    with pytest.raises(ValueError, match='"tile" takes no fields'):
+        qda.quantized_decode_attention(q, *args, variant="tile", fields=2)
+    with pytest.raises(ValueError, match="multiple must divide"):
+        qda.unpack_plan(4, False, 8)
     with pytest.raises(ValueError, match="block_tokens"):
         qda.quantized_decode_attention(q, *args, block_tokens=48)
     with pytest.raises(ValueError, match="block_tokens"):
