@@ -61,7 +61,6 @@ QUANT_VARIANTS = {  # kernel keyword arguments of the quantized cases (int{bits}
     "fold": dict(variant="fold", num_warps=4, num_stages=1),
     "fold2": dict(variant="fold", num_warps=2, num_stages=1),
     "fold2zc": dict(variant="fold", num_warps=2, num_stages=1, dequant=False),
-    "gather": dict(gather_scales=True),
     "foldu": dict(variant="fold", num_warps=4, num_stages=1, unroll=True),
     "tile": dict(variant="tile", block_tokens=64, num_warps=8, num_stages=1),
 }

@@ -33,7 +33,8 @@ k = c * scale + zero (one FMA per element), leaving the queries and probabilitie
 with (`zero_in_codes`) the zero points in the code operand as c + zero / scale.
 Options (timed, not faster, docs/benchmarks_quant.md): `reload` (re-read the words per field
 instead of holding them in registers), `fields` (several fields per online-softmax step),
-`fast_unpack` (no FADD; spills at 2 warps).
+`fast_unpack` (no FADD; spills at 2 warps); `gather_scales` (scales loaded as whole tiles) was
+tried in commit d1beea1, 1.16x slower, and removed.
 "stack" (`_stack_kernel`): "fold" with 16 / Gq fields per step stacked as query rows
 (block-diagonal operands); timed 2.1x slower than the default.
 
@@ -398,7 +399,6 @@ def _fold_kernel(
     bits: int, group: int, vgroup: int, blocks_per_split: int, num_splits: int,
     sm_scale: float, res_chunk: int, has_residual: bool, unroll: bool, prefetch: bool,
     zero_in_codes: bool, dequant: bool, fast: bool, reload: bool = False, nf: int = 1,
-    gather: bool = False,
 ):
     """Variant "fold": one program (row b, KV head h, split s); refs per (b, h):
     kc_ref, vc_ref uint32[Nb, G, D]; ks_ref, kz_ref [Nb, P, D]; vs_ref, vz_ref [Nb, P, ncg, G].
@@ -423,10 +423,7 @@ def _fold_kernel(
     every step instead of holding them in registers across the field loop (the block is in L1
     after its first step): fewer registers per thread, more L1 loads. `nf` fields (with
     dequant) share one online-softmax step: one running-max update and one accumulator rescale
-    per nf * G tokens (separate dots per field, no reshapes). `gather` (with dequant) loads the
-    scales and zero points of a field as whole [G, D] / [G, Gv] tiles (every element its own
-    address, repeated ones served by L1) instead of a [1, D] row / [G] column broadcast over the
-    tile, which Triton routes through shared memory behind a barrier."""
+    per nf * G tokens (separate dots per field, no reshapes)."""
     rk_ref, rv_ref, o_ref, m_ref, l_ref = _out_refs(rest, has_residual)
     split = pl.program_id(2)
     per = 32 // bits
@@ -466,17 +463,9 @@ def _fold_kernel(
             kw, vws = _shift(kw, shift), tuple(_shift(v, shift) for v in vws)
         return _online_update_many(carry, [tile(n, j, kw, vws, shift) for j in js])
 
-    g_rows = jnp.zeros((group, 1), jnp.int32)  # gathered scales: [G, D] / [G, Gv] indices
-    g_cols = lax.broadcasted_iota(jnp.int32, (1, d), 1)
-    g_tok = lax.broadcasted_iota(jnp.int32, (group, vgroup), 0)
-
     def tile(n, j, kw, vws, shift):  # (scores [gp, G], valid [1, G], pv) of field j
-        if gather:  # the [1, D] rows loaded straight into the tile's shape (no broadcast)
-            ks = ks_ref[n, g_rows + j, g_cols].astype(jnp.float32)  # [G, D]
-            kz = kz_ref[n, g_rows + j, g_cols].astype(jnp.float32)
-        else:
-            ks = ks_ref[n, pl.ds(j, 1), :].astype(jnp.float32)  # [1, D]
-            kz = kz_ref[n, pl.ds(j, 1), :].astype(jnp.float32)
+        ks = ks_ref[n, pl.ds(j, 1), :].astype(jnp.float32)  # [1, D]
+        kz = kz_ref[n, pl.ds(j, 1), :].astype(jnp.float32)
         if dequant:  # k = code * scale + zero on the B operand; A (the queries) stays put
             s = _dot_nt(qd, dq(kw, j * bits - shift, ks, kz).astype(ddt))
         elif zero_in_codes:  # q . (s (c + z / s)): no row reduction for the zero term
@@ -492,12 +481,6 @@ def _fold_kernel(
             out = []
             pd = probs.astype(ddt)
             for c in range(ncg):
-                if dequant and gather:  # per-token scales loaded as [G, Gv] tiles
-                    v = dq(vws[c], j * bits - shift,
-                           vs_ref[n, j, c, g_tok].astype(jnp.float32),
-                           vz_ref[n, j, c, g_tok].astype(jnp.float32))
-                    out.append(_dot_nn(pd, v.astype(ddt)))
-                    continue
                 vs = vs_ref[n, j, c, :].astype(jnp.float32)  # [G] (per token)
                 vz = vz_ref[n, j, c, :].astype(jnp.float32)
                 if dequant:
@@ -685,12 +668,12 @@ def _pow2_floor(n: int) -> int:
     jax.jit,
     static_argnames=("scale", "variant", "block_tokens", "num_splits", "num_warps", "num_stages",
                      "fast_unpack", "value_split", "unroll", "prefetch", "zero_in_codes",
-                     "dequant", "reload", "gather_scales", "fields", "interpret"),
+                     "dequant", "reload", "fields", "interpret"),
 )
 def _partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantized,
               residual_keys, residual_values, num_residual, *, scale, variant, block_tokens,
               num_splits, num_warps, num_stages, fast_unpack, value_split, unroll, prefetch,
-              zero_in_codes, dequant, reload, gather_scales, fields, interpret):
+              zero_in_codes, dequant, reload, fields, interpret):
     bits, g, vg, gq = _layout(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                               num_quantized)
     b, hq, d = q.shape
@@ -747,8 +730,7 @@ def _partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantiz
     elif fold:
         kernel = functools.partial(_fold_kernel, unroll=unroll, prefetch=prefetch,
                                    zero_in_codes=zero_in_codes, dequant=dequant,
-                                   fast=fast_unpack, reload=reload, nf=fields or 1,
-                                   gather=gather_scales, **common)
+                                   fast=fast_unpack, reload=reload, nf=fields or 1, **common)
     else:
         kernel = functools.partial(_kernel, tile_blocks=nt, fast=fast_unpack,
                                    value_split=value_split, **common)
@@ -776,7 +758,7 @@ def _partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantiz
 DEFAULT_CONFIG = {
     bits: dict(variant="fold", block_tokens=64, num_warps=2, num_stages=1, value_split=False,
                unroll=False, prefetch=False, zero_in_codes=True, dequant=True, reload=False,
-               fast_unpack=False, fields=None, gather_scales=False)
+               fast_unpack=False, fields=None)
     for bits in (8, 4, 2)
 }
 VARIANTS = ("fold", "tile", "stack")
@@ -804,7 +786,6 @@ def quantized_decode_partials(
     zero_in_codes: bool | None = None,
     dequant: bool | None = None,
     reload: bool | None = None,
-    gather_scales: bool | None = None,
     fields: int | None = None,
     interpret: bool | None = None,
 ) -> tuple[Array, Array, Array]:
@@ -831,9 +812,6 @@ def quantized_decode_partials(
         into the query / probability rows (see `_fold_kernel`).
       reload ("fold" with dequant): every code field loads its block's words again (from L1)
         instead of keeping them in registers across the field loop (see `_fold_kernel`).
-      gather_scales ("fold" with dequant): load each field's scales and zero points directly as
-        [G, D] (keys) and [G, Gv] (values) tiles instead of [1, D] rows / [G] columns broadcast
-        in registers (see `_fold_kernel`).
       fields: code fields per online-softmax step. "stack": a power of two dividing 32 / bits
         (None: as many as fill 16 query rows). "fold": needs dequant, a power of two up to
         `fields_per_shift(bits, fast_unpack)` (None: 1).
@@ -868,8 +846,7 @@ def quantized_decode_partials(
     cfg = launch_config(DEFAULT_CONFIG[bits], block_tokens=block_tokens, num_warps=num_warps,
                         num_stages=num_stages, unroll=unroll, prefetch=prefetch,
                         zero_in_codes=zero_in_codes, dequant=dequant, reload=reload,
-                        fast_unpack=fast_unpack, value_split=value_split, fields=fields,
-                        gather_scales=gather_scales)
+                        fast_unpack=fast_unpack, value_split=value_split, fields=fields)
     fields = cfg["fields"]
     fast = (q.dtype != jnp.float32) if cfg["fast_unpack"] is None else bool(cfg["fast_unpack"])
     interpret = resolve_interpret(interpret)
@@ -910,7 +887,7 @@ def quantized_decode_partials(
         fast_unpack=fast, value_split=bool(cfg["value_split"]),
         unroll=bool(cfg["unroll"]), prefetch=bool(cfg["prefetch"]),
         zero_in_codes=bool(cfg["zero_in_codes"]), dequant=bool(cfg["dequant"]),
-        reload=bool(cfg["reload"]), gather_scales=bool(cfg["gather_scales"]), fields=fields,
+        reload=bool(cfg["reload"]), fields=fields,
         interpret=interpret,
     )
 

@@ -73,7 +73,6 @@ def test_kernel_matches_reference(bits, shape):
     (dict(dequant=True, prefetch=True), 2),
     (dict(dequant=True, unroll=True), 2),
     (dict(dequant=True, reload=True), 2),
-    (dict(dequant=True, gather_scales=True), 2),
     (dict(dequant=True, fields=2, reload=True), 2),
     (dict(dequant=True, fields=4), 3),
     (dict(dequant=True, fields=2, unroll=True, fast_unpack=True), 2),
@@ -124,7 +123,6 @@ def test_every_variant_lowers_to_triton(bits):
                dict(dequant=False, zero_in_codes=False),
                dict(dequant=True), dict(dequant=True, fast_unpack=False),
                dict(dequant=True, reload=True), dict(dequant=True, fields=2, fast_unpack=False),
-               dict(gather_scales=True),
                dict(variant="tile"), dict(variant="stack"),
                dict(variant="stack", fields=2)):
         def f(*a, kw=kw):
