@@ -283,6 +283,9 @@ def tune_decode(b, ctx, hkv, g, d, copy_bw, small):
     nbytes = 2 * k.size * 2 + pos.size * 4
 
     def fn(q, k, v, ln, p, qp, pps=1.0, **cfg):
+        if cfg.get("schedule") == "stream":  # stream-K: pps x SMs programs, no splits
+            return da.ragged_decode_attention(q, k, v, ln, kv_positions=p, q_positions=qp,
+                                              num_programs=round(pps * da.num_cores()), **cfg)
         sp = da.default_splits(b, hkv, ctx, cfg["block_k"], pps)
         return da.ragged_decode_attention(q, k, v, ln, kv_positions=p, q_positions=qp,
                                           num_splits=sp, **cfg)
@@ -303,6 +306,13 @@ def tune_decode(b, ctx, hkv, g, d, copy_bw, small):
                 sw.run(cfg)
     _, top = sw.best()
     sw.run(_with(top or base, split_tail=True))
+    _, top = sw.best()
+    top = top or base
+    # stream-K schedule (every program streams the same number of blocks across heads)
+    for pps, bk in ((1.0, top["block_k"]), (2.0, top["block_k"]), (1.0, 128)):
+        cfg = _with(top, schedule="stream", pps=pps, block_k=bk)
+        if cfg not in [c for _, c in sw.results]:
+            sw.run(cfg)
     t, cfg = sw.best()
     log(f"  best decode b{b} x {ctx}: {t * 1e6:.1f} us {cfg}")
     t_torch = _try("torch sdpa", torch_sdpa_time, qs, [(k, v) for k, v, *_ in sets], reps)
@@ -493,15 +503,19 @@ def run_tune(args, copy_bw, small):
     def section():
         TUNE_END[0] = t0 + next(share) * args.tune_budget_s
 
+    if args.tune_only == "decode":  # the ragged decode sweeps get the whole budget
+        share = iter((0.5, 1.0))
     dec = {}
     for b in ((1, 2) if small else (1, 8)):
         section()
         dec[b] = tune_decode(b, ctx, hkv, g, d, copy_bw, small)
     bsb = 2 if small else 8
-    section()
-    bsr = _try("tune block-sparse", tune_block_sparse, bsb, ctx, hkv, g, d, small) or {}
-    section()
-    qr = _try("tune quest", tune_quest, bsb, ctx, hkv, g, d, small) or {}
+    bsr, qr = {}, {}
+    if args.tune_only != "decode":
+        section()
+        bsr = _try("tune block-sparse", tune_block_sparse, bsb, ctx, hkv, g, d, small) or {}
+        section()
+        qr = _try("tune quest", tune_quest, bsb, ctx, hkv, g, d, small) or {}
     log("")
     log(f"== tune summary ({time.perf_counter() - t0:.0f} s) ==")
     dense8 = dec.get(bsb, (float("nan"), {}))[0]
@@ -519,7 +533,8 @@ def run_tune(args, copy_bw, small):
         return {"block_k": cfg.get("block_k", 64), "num_warps": cfg.get("num_warps", 4),
                 "num_stages": cfg.get("num_stages", 3),
                 "programs_per_sm": cfg.get("pps", 1.0), "merge": cfg.get("merge", "xla"),
-                "split_tail": cfg.get("split_tail", False)}
+                "split_tail": cfg.get("split_tail", False),
+                "schedule": cfg.get("schedule", "split")}
 
     few, many = (dec[b][1] for b in sorted(dec))  # batch 1 and 8: da.regime "few", "many"
     tuned = {"TUNED_DECODE": {"few": dec_entry(few), "many": dec_entry(many)}}
@@ -734,6 +749,8 @@ def main(argv=None):
                     help="only the launch sweeps of all three kernels (~150 s on an H100)")
     ap.add_argument("--tune_budget_s", type=float, default=125.0,
                     help="--tune starts no new config after this many seconds of sweeping")
+    ap.add_argument("--tune_only", default="all", choices=("all", "decode"),
+                    help="--tune: sweep every kernel or only the ragged decode kernel")
     ap.add_argument("--tuned", default=None, help="tuned.json from --tune: kernel defaults")
     ap.add_argument("--deadline_s", type=float, default=240.0,
                     help="start no new table row after this many seconds (device budget)")
