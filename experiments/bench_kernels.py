@@ -283,9 +283,6 @@ def tune_decode(b, ctx, hkv, g, d, copy_bw, small):
     nbytes = 2 * k.size * 2 + pos.size * 4
 
     def fn(q, k, v, ln, p, qp, pps=1.0, **cfg):
-        if cfg.get("schedule") == "stream":  # stream-K: pps x SMs programs, no splits
-            return da.ragged_decode_attention(q, k, v, ln, kv_positions=p, q_positions=qp,
-                                              num_programs=round(pps * da.num_cores()), **cfg)
         sp = da.default_splits(b, hkv, ctx, cfg["block_k"], pps)
         return da.ragged_decode_attention(q, k, v, ln, kv_positions=p, q_positions=qp,
                                           num_splits=sp, **cfg)
@@ -306,13 +303,6 @@ def tune_decode(b, ctx, hkv, g, d, copy_bw, small):
                 sw.run(cfg)
     _, top = sw.best()
     sw.run(_with(top or base, split_tail=True))
-    _, top = sw.best()
-    top = top or base
-    # stream-K schedule (every program streams the same number of blocks across heads)
-    for pps, bk in ((1.0, top["block_k"]), (2.0, top["block_k"]), (1.0, 128)):
-        cfg = _with(top, schedule="stream", pps=pps, block_k=bk)
-        if cfg not in [c for _, c in sw.results]:
-            sw.run(cfg)
     t, cfg = sw.best()
     log(f"  best decode b{b} x {ctx}: {t * 1e6:.1f} us {cfg}")
     t_torch = _try("torch sdpa", torch_sdpa_time, qs, [(k, v) for k, v, *_ in sets], reps)
@@ -533,8 +523,7 @@ def run_tune(args, copy_bw, small):
         return {"block_k": cfg.get("block_k", 64), "num_warps": cfg.get("num_warps", 4),
                 "num_stages": cfg.get("num_stages", 3),
                 "programs_per_sm": cfg.get("pps", 1.0), "merge": cfg.get("merge", "xla"),
-                "split_tail": cfg.get("split_tail", False),
-                "schedule": cfg.get("schedule", "split")}
+                "split_tail": cfg.get("split_tail", False)}
 
     few, many = (dec[b][1] for b in sorted(dec))  # batch 1 and 8: da.regime "few", "many"
     tuned = {"TUNED_DECODE": {"few": dec_entry(few), "many": dec_entry(many)}}

@@ -11,15 +11,7 @@ balanced programs; a program whose piece is empty (past the head's length) skips
 writes a neutral partial result. Each program keeps a float32 online softmax (running max m,
 sum l, unnormalised output o); a second pass (plain jnp, fused by XLA) merges the S partial
 results: out = sum_s e^{m_s - m} o_s / sum_s e^{m_s - m} l_s. With one split the kernel
-normalises and writes the output itself (no partials, no second pass).
-
-Stream-K (`schedule="stream"`, dense layout): a 1-D grid of ~one program per SM; the
-B * Hkv * ceil(C / block_k) capacity blocks, in (row, head, block) order, are cut into equal
-consecutive ranges, so every program streams the same number of blocks whatever the head
-boundaries (B * Hkv * S split pieces rarely divide evenly into the SM count: 8 x 8 heads x 2
-splits leave 4 of an H100's 132 SMs idle). A program writes one partial per head it touches
-and the same merge combines them (`stream_plan`). Blocks past a head's length are not loaded,
-so ragged lengths unbalance it (the split schedule measures pieces on each head's length). Launch parameters
+normalises and writes the output itself (no partials, no second pass). Launch parameters
 default per shape (`decode_config`, from the `TUNED_DECODE` table that
 `experiments/bench_kernels.py --tune` prints).
 
@@ -387,12 +379,11 @@ def default_splits(batch: int, kv_heads: int, capacity: int, block_k: int,
 # Re-tuned on an H100, 2026-11-23 (third session, device-time harness; docs/benchmarks.md).
 TUNED_DECODE: dict[str, dict[str, Any]] = {
     "few": {"block_k": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 1.0,
-            "merge": "xla", "split_tail": False, "schedule": "split"},
+            "merge": "xla", "split_tail": False},
     "many": {"block_k": 256, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1.0,
-             "merge": "xla", "split_tail": False, "schedule": "split"},
+             "merge": "xla", "split_tail": False},
 }
 MERGES = ("xla", "pallas")
-SCHEDULES = ("split", "stream")
 
 
 def regime(batch: int, kv_heads: int) -> str:
@@ -406,8 +397,7 @@ def _regime(batch: int, kv_heads: int) -> dict[str, Any]:
 
 def decode_config(batch: int, kv_heads: int, capacity: int, row_bytes: int = 0
                   ) -> dict[str, Any]:
-    """Launch config {block_k, num_warps, num_stages, num_splits, merge, split_tail, schedule,
-    num_programs} for a shape (num_programs: the stream-K schedule's program count).
+    """Launch config {block_k, num_warps, num_stages, num_splits, merge, split_tail} for a shape.
 
     capacity: the longest a head can be (C, or the pool size). Picks the `TUNED_DECODE` regime
     from the number of (row, KV head) pairs against the SM count. row_bytes: K + V bytes per key
@@ -421,37 +411,47 @@ def decode_config(batch: int, kv_heads: int, capacity: int, row_bytes: int = 0
     return {"block_k": bk, "num_warps": int(t["num_warps"]), "num_stages": int(t["num_stages"]),
             "num_splits": default_splits(batch, kv_heads, max(capacity, 1), bk,
                                          float(t["programs_per_sm"])),
-            "merge": str(t["merge"]), "split_tail": bool(t.get("split_tail", False)),
-            "schedule": str(t.get("schedule", "split")),
-            "num_programs": max(1, round(float(t["programs_per_sm"]) * num_cores()))}
+            "merge": str(t["merge"]), "split_tail": bool(t.get("split_tail", False))}
 
 
 # --- kernel ------------------------------------------------------------------------------
 
 
-def _split_refs(refs, pool, has_pos, has_bias):
-    """(q, k, v, lengths, offsets, kpos, qpos, bias, outputs) from a decode kernel's refs."""
+def _decode_kernel(*refs, pool, has_pos, has_bias, group, rows, block_k, cap, scale, window,
+                   splits, dot_precision, direct, split_tail):
     q_ref, k_ref, v_ref, len_ref = refs[:4]
     i = 4
-    off_ref = kpos_ref = qpos_ref = bias_ref = None
+    off_ref = None
     if pool:
         off_ref = refs[i]
         i += 1
+    kpos_ref = qpos_ref = bias_ref = None
     if has_pos:
         kpos_ref, qpos_ref = refs[i], refs[i + 1]
         i += 2
     if has_bias:
         bias_ref = refs[i]
         i += 1
-    return q_ref, k_ref, v_ref, len_ref, off_ref, kpos_ref, qpos_ref, bias_ref, refs[i:]
+    if direct:
+        (o_ref,) = refs[i:]
+    else:
+        o_ref, m_ref, l_ref = refs[i:]
 
-
-def _attend_range(q, k_ref, v_ref, kpos_ref, qpos, bias_ref, b, base, lo, hi, *, rows, dv,
-                  block_k, scale, window, dot_precision, split_tail):
-    """Online softmax of q [rows, D] over slots [base + lo, base + hi) of row b of the
-    flattened K/V refs ([B, slots, D]): (o float32[rows, Dv], m, den float32[rows]). An empty
-    range runs zero steps (no loads) and returns the neutral partial (0, -1e30, 0)."""
+    b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    length = len_ref[b, h]
+    # Slot range of this head in the (pooled) key array.
+    base = off_ref[b, h] if pool else h * cap
+    per = ((length + splits - 1) // splits + block_k - 1) // block_k * block_k
+    lo = jnp.minimum(s * per, length)
+    hi = jnp.minimum(lo + per, length)
     nblocks = (hi - lo + block_k - 1) // block_k
+    row_ok = jnp.arange(rows) < group
+    dv = o_ref.shape[-1]
+
+    # No branch around the loop: a piece past the head's length runs zero steps (no K/V
+    # loads) and writes the neutral partial (o 0, m -1e30, l 0).
+    q = masked_load(q_ref.at[b, h, pl.ds(0, rows), :], row_ok[:, None], 0)
+    qpos = qpos_ref[b] if has_pos else None
 
     def body(j, carry, full=False):
         """One step; full=True: all block_k slots are inside the piece, so no load masks."""
@@ -469,13 +469,13 @@ def _attend_range(q, k_ref, v_ref, kpos_ref, qpos, bias_ref, b, base, lo, hi, *,
         k = load(k_ref.at[b, rows_k, :], valid[:, None], 0)
         v = load(v_ref.at[b, rows_k, :], valid[:, None], 0)
         ok = jnp.ones((block_k,), jnp.bool_) if full else valid
-        if kpos_ref is not None:
+        if has_pos:
             kp = load(kpos_ref.at[b, rows_k], valid, -1)
             ok = ok & (kp >= 0) & (kp <= qpos)
             if window is not None:
                 ok = ok & (qpos - kp < window)
         sc = dot(q, k, trans_b=True, precision=dot_precision) * scale  # [rows, block_k]
-        if bias_ref is not None:
+        if has_bias:
             sc = sc + load(bias_ref.at[b, rows_k], valid, 0.0)[None, :]
         sc = jnp.where(ok[None, :], sc, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))
@@ -493,99 +493,17 @@ def _attend_range(q, k_ref, v_ref, kpos_ref, qpos, bias_ref, b, base, lo, hi, *,
     if split_tail:  # unmasked loop over the full blocks, then the partial one (if any)
         nfull = (hi - lo) // block_k
         carry = jax.lax.fori_loop(0, nfull, functools.partial(body, full=True), init)
-        return jax.lax.fori_loop(nfull, nblocks, body, carry)
-    return jax.lax.fori_loop(0, nblocks, body, init)
-
-
-def _decode_kernel(*refs, pool, has_pos, has_bias, group, rows, block_k, cap, scale, window,
-                   splits, dot_precision, direct, split_tail):
-    q_ref, k_ref, v_ref, len_ref, off_ref, kpos_ref, qpos_ref, bias_ref, outs = _split_refs(
-        refs, pool, has_pos, has_bias)
-    b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    length = len_ref[b, h]
-    # Slot range of this head in the (pooled) key array.
-    base = off_ref[b, h] if pool else h * cap
-    per = ((length + splits - 1) // splits + block_k - 1) // block_k * block_k
-    lo = jnp.minimum(s * per, length)
-    hi = jnp.minimum(lo + per, length)
-    row_ok = jnp.arange(rows) < group
-    dv = outs[0].shape[-1]
-
-    # No branch around the loop: a piece past the head's length runs zero steps (no K/V
-    # loads) and writes the neutral partial (o 0, m -1e30, l 0).
-    q = masked_load(q_ref.at[b, h, pl.ds(0, rows), :], row_ok[:, None], 0)
-    qpos = qpos_ref[b] if has_pos else None
-    o, m, den = _attend_range(q, k_ref, v_ref, kpos_ref, qpos, bias_ref, b, base, lo, hi,
-                              rows=rows, dv=dv, block_k=block_k, scale=scale, window=window,
-                              dot_precision=dot_precision, split_tail=split_tail)
+        o, m, den = jax.lax.fori_loop(nfull, nblocks, body, carry)
+    else:
+        o, m, den = jax.lax.fori_loop(0, nblocks, body, init)
     if direct:  # one piece per head: normalise here, no second pass
-        (o_ref,) = outs
         out = jnp.where(den[:, None] > 0, o / jnp.where(den > 0, den, 1.0)[:, None], 0.0)
         masked_store(o_ref.at[b, h, pl.ds(0, rows), :], out.astype(o_ref.dtype),
                      row_ok[:, None])
         return
-    o_ref, m_ref, l_ref = outs
     masked_store(o_ref.at[b, h, s, pl.ds(0, rows), :], o, row_ok[:, None])
     masked_store(m_ref.at[b, h, s, pl.ds(0, rows)], m, row_ok)
     masked_store(l_ref.at[b, h, s, pl.ds(0, rows)], den, row_ok)
-
-
-def stream_plan(batch: int, kv_heads: int, capacity: int, block_k: int, programs: int
-                ) -> tuple[int, int, np.ndarray]:
-    """Stream-K schedule of a dense cache: (work, programs, slot_ok).
-
-    The B * Hkv * ceil(C / block_k) blocks, in (row, head, block) order, are cut into
-    `programs` ranges of `work` consecutive blocks (the last may be shorter), so every program
-    streams the same number of capacity blocks whatever the head boundaries. A program that
-    crosses a boundary writes one partial per head it touches; partial slot p - p_first(head)
-    of a head is written by program p. slot_ok bool[B, Hkv, S] marks the slots some program
-    writes (S = the most programs any head is spread over).
-    """
-    nb = -(-capacity // block_k)
-    total = batch * kv_heads * nb
-    work = -(-total // max(1, min(programs, total)))
-    programs = -(-total // work)
-    heads = np.arange(batch * kv_heads)
-    first = heads * nb // work
-    last = ((heads + 1) * nb - 1) // work
-    slots = int((last - first).max()) + 1
-    slot_ok = np.arange(slots)[None, :] <= (last - first)[:, None]
-    return work, programs, slot_ok.reshape(batch, kv_heads, slots)
-
-
-def _stream_kernel(*refs, has_pos, has_bias, group, rows, block_k, cap, scale, window,
-                   dot_precision, split_tail, kv_heads, nb, work, total):
-    """Stream-K variant of `_decode_kernel`: program p attends over blocks [p * work,
-    min((p + 1) * work, total)) of the (row, head, block) order, one partial per head touched
-    (`stream_plan`); blocks past a head's length are not loaded."""
-    q_ref, k_ref, v_ref, len_ref, _, kpos_ref, qpos_ref, bias_ref, outs = _split_refs(
-        refs, False, has_pos, has_bias)
-    o_ref, m_ref, l_ref = outs
-    p = pl.program_id(0)
-    start = p * work
-    end = jnp.minimum(start + work, total)
-    row_ok = jnp.arange(rows) < group
-    dv = o_ref.shape[-1]
-
-    def segment(k, carry):
-        lh = start // nb + k  # linear (row, head) index
-        b, h = lh // kv_heads, lh % kv_heads
-        length = len_ref[b, h]
-        lo = jnp.minimum((jnp.maximum(start, lh * nb) - lh * nb) * block_k, length)
-        hi = jnp.minimum((jnp.minimum(end, (lh + 1) * nb) - lh * nb) * block_k, length)
-        q = masked_load(q_ref.at[b, h, pl.ds(0, rows), :], row_ok[:, None], 0)
-        qpos = qpos_ref[b] if has_pos else None
-        o, m, den = _attend_range(q, k_ref, v_ref, kpos_ref, qpos, bias_ref, b, h * cap, lo,
-                                  jnp.maximum(hi, lo), rows=rows, dv=dv, block_k=block_k,
-                                  scale=scale, window=window, dot_precision=dot_precision,
-                                  split_tail=split_tail)
-        slot = p - lh * nb // work
-        masked_store(o_ref.at[b, h, slot, pl.ds(0, rows), :], o, row_ok[:, None])
-        masked_store(m_ref.at[b, h, slot, pl.ds(0, rows)], m, row_ok)
-        masked_store(l_ref.at[b, h, slot, pl.ds(0, rows)], den, row_ok)
-        return carry
-
-    jax.lax.fori_loop(0, (end - 1) // nb - start // nb + 1, segment, 0)
 
 
 def merge_partials(o: Array, m: Array, den: Array) -> Array:
@@ -659,11 +577,11 @@ def merge_splits(o: Array, m: Array, den: Array, merge: str, out_dtype: Any, *,
 @functools.partial(
     jax.jit,
     static_argnames=("scale", "sliding_window", "block_k", "num_splits", "num_warps",
-                     "num_stages", "merge", "split_tail", "num_programs", "interpret"),
+                     "num_stages", "merge", "split_tail", "interpret"),
 )
 def _decode(q, keys, values, lengths, offsets, kv_positions, q_positions, kv_bias, *, scale,
             sliding_window, block_k, num_splits, num_warps, num_stages, merge, split_tail,
-            num_programs, interpret):
+            interpret):
     pool = offsets is not None
     has_pos = kv_positions is not None
     has_bias = kv_bias is not None
@@ -688,27 +606,12 @@ def _decode(q, keys, values, lengths, offsets, kv_positions, q_positions, kv_bia
         inputs += [pos_f.astype(jnp.int32), q_positions.astype(jnp.int32)]
     if has_bias:
         inputs.append(kv_bias.reshape(b, -1).astype(jnp.float32))
-    common = dict(has_pos=has_pos, has_bias=has_bias, group=g, rows=rows, block_k=block_k,
-                  cap=cap, scale=float(scale), window=sliding_window, split_tail=split_tail,
-                  dot_precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
-    if num_programs is not None:  # stream-K schedule (dense layout only)
-        nb = -(-cap // block_k)
-        work, programs, slot_ok = stream_plan(b, hkv, cap, block_k, num_programs)
-        o, m, den = pl.pallas_call(
-            functools.partial(_stream_kernel, kv_heads=hkv, nb=nb, work=work,
-                              total=b * hkv * nb, **common),
-            grid=(programs,),
-            out_shape=partial_shapes(b, hkv, slot_ok.shape[-1], g, dv),
-            compiler_params=compiler_params(num_warps, num_stages),
-            interpret=interpret,
-            name="ragged_decode_attention_stream",
-        )(*inputs)
-        ok = jnp.asarray(slot_ok)[..., None]  # slots no program writes hold garbage
-        o = jnp.where(ok[..., None], o, 0.0)
-        m, den = jnp.where(ok, m, _NEG), jnp.where(ok, den, 0.0)
-        return merge_splits(o, m, den, merge, q.dtype, interpret=interpret).reshape(b, hq, dv)
-    kernel = functools.partial(_decode_kernel, pool=pool, splits=num_splits,
-                               direct=num_splits == 1, **common)
+    kernel = functools.partial(
+        _decode_kernel, pool=pool, has_pos=has_pos, has_bias=has_bias, group=g, rows=rows,
+        block_k=block_k, cap=cap, scale=float(scale), window=sliding_window, splits=num_splits,
+        dot_precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
+        direct=num_splits == 1, split_tail=split_tail,
+    )
     if num_splits == 1:
         out_shape = [jax.ShapeDtypeStruct((b, hkv, g, dv), q.dtype)]
     else:
@@ -748,8 +651,6 @@ def ragged_decode_attention(
     num_stages: int | None = None,
     merge: str | None = None,
     split_tail: bool | None = None,
-    schedule: str | None = None,
-    num_programs: int | None = None,
     interpret: bool | None = None,
 ) -> Array:
     """[B, Hq, Dv] decode attention over per-head ragged caches (layouts in the module doc).
@@ -764,11 +665,6 @@ def ragged_decode_attention(
       num_warps, num_stages: Triton launch parameters.
       merge: "xla" or "pallas", how several splits' partials are combined.
       split_tail: loop over a piece's full blocks without load masks, then its last block.
-      schedule: "split" (grid B x Hkv x num_splits, pieces measured on each head's length) or
-        "stream" (stream-K, dense layout only: `num_programs` programs each stream the same
-        number of capacity blocks across head boundaries, `stream_plan`; balanced to the SM
-        count when heads are full, unbalanced when lengths are ragged).
-      num_programs: programs of the "stream" schedule (default: programs_per_sm x SMs).
         Each launch parameter left None comes from `decode_config` (per shape, H100-tuned).
       interpret: run the Pallas interpreter (default: exactly on CPU).
 
@@ -781,21 +677,8 @@ def ragged_decode_attention(
     row_bytes = (d + dv) * keys.dtype.itemsize
     cfg = launch_config(decode_config(b, hkv, span, row_bytes), block_k=block_k,
                         num_warps=num_warps,
-                        num_stages=num_stages, merge=merge, split_tail=split_tail,
-                        schedule=schedule)
+                        num_stages=num_stages, merge=merge, split_tail=split_tail)
     check_choice("merge", cfg["merge"], MERGES)
-    check_choice("schedule", cfg["schedule"], SCHEDULES)
-    if schedule == "stream" and num_splits is not None:
-        raise ValueError('schedule "stream" sets its own programs (num_programs), not num_splits')
-    stream = cfg["schedule"] == "stream" and num_splits is None
-    if stream and offsets is not None:
-        if schedule == "stream":
-            raise ValueError('schedule "stream" needs the dense layout (offsets=None)')
-        stream = False  # a tuned default: the pool layout keeps the split schedule
-    if num_programs is not None and (
-        not isinstance(num_programs, (int, np.integer)) or num_programs < 1
-    ):
-        raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
     if cfg["block_k"] > span:  # no full block anywhere: the masked loop covers everything
         cfg["split_tail"] = False
     _check_tiling(d, dv, cfg["block_k"], num_splits, cfg["num_warps"], cfg["num_stages"])
@@ -811,6 +694,5 @@ def ragged_decode_attention(
         block_k=int(cfg["block_k"]), num_splits=int(num_splits), num_warps=int(cfg["num_warps"]),
         num_stages=int(cfg["num_stages"]), merge=cfg["merge"],
         split_tail=bool(cfg["split_tail"]),
-        num_programs=int(num_programs or cfg["num_programs"]) if stream else None,
         interpret=resolve_interpret(interpret),
     )

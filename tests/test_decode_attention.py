@@ -71,69 +71,11 @@ def test_pallas_merge_and_split_tail_match_reference(g, splits):
     _close(out, da.reference(q, k, v, lengths, **kw), jnp.float32)
 
 
-@pytest.mark.parametrize("programs,split_tail,merge", [
-    (1, False, "xla"),  # one program walks every head
-    (3, True, "pallas"),  # programs cross head boundaries mid-head
-    (9, False, "xla"),  # heads (6 blocks each) spread over 2-3 programs
-    (200, False, "xla"),  # more programs than blocks: one block each
-])
-def test_stream_schedule_matches_reference(programs, split_tail, merge):
-    """Stream-K: ragged lengths (full, partial, empty, 1) with holes, positions and a bias."""
-    q, k, v, lengths, pos = _inputs(7, 3, 2, 4, 90, 32, jnp.float32,
-                                    [[90, 0], [1, 77], [40, 90]], holes=True)
-    qpos = jnp.asarray([100, 100, 60], jnp.int32)
-    bias = jnp.asarray(np.random.default_rng(7).random(pos.shape), jnp.float32)
-    kw = dict(kv_positions=pos, q_positions=qpos, kv_bias=bias)
-    out = da.ragged_decode_attention(q, k, v, lengths, block_k=16, schedule="stream",
-                                     num_programs=programs, split_tail=split_tail, merge=merge,
-                                     **kw)
-    _close(out, da.reference(q, k, v, lengths, **kw), jnp.float32)
-    # without positions, bf16, tuned launch defaults forced to the stream schedule
-    q, k, v, lengths, _ = _inputs(8, 2, 2, 8, 70, 64, jnp.bfloat16, [[70, 3], [0, 69]])
-    out = da.ragged_decode_attention(q, k, v, lengths, schedule="stream", num_programs=programs)
-    _close(out, da.reference(q, k, v, lengths), jnp.bfloat16)
-
-
-def test_stream_plan_covers_every_block_once():
-    for b, hkv, cap, bk, programs in ((8, 8, 32768, 256, 132), (1, 8, 4096, 128, 132),
-                                      (3, 2, 90, 16, 9), (2, 1, 16, 16, 5)):
-        work, n, slot_ok = da.stream_plan(b, hkv, cap, bk, programs)
-        nb = -(-cap // bk)
-        assert n <= programs and (n - 1) * work < b * hkv * nb <= n * work
-        cover = np.zeros(b * hkv * nb, int)
-        slots = np.zeros(b * hkv, int)
-        for p in range(n):
-            blocks = np.arange(p * work, min((p + 1) * work, b * hkv * nb))
-            cover[blocks] += 1
-            for lh in np.unique(blocks // nb):  # one partial per head touched, slot p - first
-                slot = p - lh * nb // work
-                assert slot_ok.reshape(b * hkv, -1)[lh, slot]
-                slots[lh] += 1
-        assert (cover == 1).all() and (slots == slot_ok.reshape(b * hkv, -1).sum(1)).all()
-    _, n, slot_ok = da.stream_plan(8, 8, 32768, 256, 132)
-    assert n == 131 and slot_ok.shape == (8, 8, 4)  # 63 blocks per program, <= 4 per head
-
-
-def test_stream_schedule_bad_input():
-    q, k, v, lengths, _ = _inputs(0, 1, 2, 2, 32, 16, jnp.float32, [[32, 5]])
-    with pytest.raises(ValueError, match="schedule must be one of"):
-        da.ragged_decode_attention(q, k, v, lengths, schedule="persistent")
-    with pytest.raises(ValueError, match="not num_splits"):
-        da.ragged_decode_attention(q, k, v, lengths, schedule="stream", num_splits=2)
-    with pytest.raises(ValueError, match="num_programs must be a positive int"):
-        da.ragged_decode_attention(q, k, v, lengths, schedule="stream", num_programs=0)
-    pool_k, pool_v = k.reshape(1, 64, 16), v.reshape(1, 64, 16)
-    offs = jnp.asarray([[0, 32]], jnp.int32)
-    with pytest.raises(ValueError, match="needs the dense layout"):
-        da.ragged_decode_attention(q, pool_k, pool_v, lengths, offsets=offs, schedule="stream")
-
-
 def test_decode_config_is_valid_for_many_shapes():
     for b, hkv, cap in ((1, 8, 32768), (8, 8, 32768), (32, 8, 4096), (1, 1, 16)):
         cfg = da.decode_config(b, hkv, cap)
         assert 1 <= cfg["num_splits"] <= max(1, cap // cfg["block_k"])
-        assert cfg["merge"] in da.MERGES and cfg["schedule"] in da.SCHEDULES
-        assert cfg["num_programs"] >= 1
+        assert cfg["merge"] in da.MERGES
 
 
 def test_positions_holes_and_window_match_kvjax_reference():
