@@ -796,18 +796,19 @@ def quantized_decode_partials(
     must be >= 0, as `kvjax.quant` writes them ((max - min) / levels): "fold" with
     zero_in_codes and "stack" raise zero scales to a tiny positive one before dividing by them.
 
-    variant: "fold" (`_fold_kernel`: scales folded into the query / probability rows, one block
-      of G word rows and one code field per step; needs a value channel group Gv >= 16 when
-      compiled), "stack" (`_stack_kernel`: "fold" with several fields per step stacked as
-      query rows) or "tile" (`_kernel`: every element dequantized, tiles of several blocks).
+    variant: "fold" (`_fold_kernel`: one block of G word rows and one code field per step,
+      scales applied to the code tiles with `dequant` (the default) or folded into the query /
+      probability rows; needs a value channel group Gv >= 16 when compiled), "stack"
+      (`_stack_kernel`: "fold" with several fields per step stacked as query rows) or "tile"
+      (`_kernel`: every element dequantized, tiles of several blocks).
       None: `DEFAULT_CONFIG` of the bit width, "tile" where Gv < 16.
     Launch parameters (None: `DEFAULT_CONFIG` of the bit width, splits from `default_splits`):
       num_splits: split-K pieces of the quantized part per (row, KV head).
       num_warps, num_stages: Triton launch parameters (compiled only).
       unroll ("fold"): unroll the loop over the P code fields of a block (else a loop).
       prefetch ("fold"): load the next block's words before reading the current block's.
-      zero_in_codes ("fold"): add zero / scale to the codes instead of row sums of the zero
-        terms (see `_fold_kernel`).
+      zero_in_codes ("fold" without dequant): add zero / scale to the codes instead of row
+        sums of the zero terms (see `_fold_kernel`).
       dequant ("fold"): scale the code tiles (one FMA per element) instead of folding scales
         into the query / probability rows (see `_fold_kernel`).
       reload ("fold" with dequant): every code field loads its block's words again (from L1)
