@@ -114,8 +114,6 @@ def _dot_nn(a: Array, b: Array) -> Array:  # a [M, K] . b [K, N] -> float32 [M, 
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-_PAIR_MAGIC = 0x43004300  # two bfloat16 2^7 (0x4300); or-ing codes < 2^7 gives 2^7 + code
-_PAIR_BASE = 128.0
 _MANTISSA = 23  # float32 mantissa bits
 _ONE = 0x3F800000  # float32 bits of 1.0
 FAST_WINDOW = 8  # fast unpack: fields sit at mantissa bits >= 8 (error <= scale * 2^-9)
@@ -401,7 +399,6 @@ def _fold_kernel(
     bits: int, group: int, vgroup: int, blocks_per_split: int, num_splits: int,
     sm_scale: float, res_chunk: int, has_residual: bool, unroll: bool, prefetch: bool,
     zero_in_codes: bool, dequant: bool, fast: bool, reload: bool = False, nf: int = 1,
-    pairs: bool = False,
 ):
     """Variant "fold": one program (row b, KV head h, split s); refs per (b, h):
     kc_ref, vc_ref uint32[Nb, G, D]; ks_ref, kz_ref [Nb, P, D]; vs_ref, vz_ref [Nb, P, ncg, G].
@@ -466,17 +463,10 @@ def _fold_kernel(
             kw, vws = _shift(kw, shift), tuple(_shift(v, shift) for v in vws)
         return _online_update_many(carry, [tile(n, j, kw, vws, shift) for j in js])
 
-    def dq_half(u, half, scale, zero):  # pairs: the code in 16-bit half `half` of u, scaled
-        h = (u >> jnp.uint32(16) if half else u) & jnp.uint32(0xFFFF)
-        x = lax.bitcast_convert_type(h.astype(jnp.uint16), ddt) - ddt.type(_PAIR_BASE)
-        return x * scale.astype(ddt) + zero.astype(ddt)  # exact code, one 16-bit FMA
-
-    def tile(n, j, kw, vws, shift, half=None):  # (scores [gp, G], valid [1, G], pv), field j
+    def tile(n, j, kw, vws, shift):  # (scores [gp, G], valid [1, G], pv) of field j
         ks = ks_ref[n, pl.ds(j, 1), :].astype(jnp.float32)  # [1, D]
         kz = kz_ref[n, pl.ds(j, 1), :].astype(jnp.float32)
-        if half is not None:  # pairs: kw holds two fields as 16-bit floats 2^7 + code
-            s = _dot_nt(qd, dq_half(kw, half, ks, kz))
-        elif dequant:  # k = code * scale + zero on the B operand; A (the queries) stays put
+        if dequant:  # k = code * scale + zero on the B operand; A (the queries) stays put
             s = _dot_nt(qd, dq(kw, j * bits - shift, ks, kz).astype(ddt))
         elif zero_in_codes:  # q . (s (c + z / s)): no row reduction for the zero term
             ks = _safe_scale(ks)
@@ -493,9 +483,7 @@ def _fold_kernel(
             for c in range(ncg):
                 vs = vs_ref[n, j, c, :].astype(jnp.float32)  # [G] (per token)
                 vz = vz_ref[n, j, c, :].astype(jnp.float32)
-                if half is not None:
-                    out.append(_dot_nn(pd, dq_half(vws[c], half, vs[:, None], vz[:, None])))
-                elif dequant:
+                if dequant:
                     v = dq(vws[c], j * bits - shift, vs[:, None], vz[:, None])
                     out.append(_dot_nn(pd, v.astype(ddt)))
                 elif zero_in_codes:
@@ -516,19 +504,7 @@ def _fold_kernel(
         else:
             kw, vws = words if prefetch else load_words(n)
             nxt = load_words(n + 1) if prefetch else words
-        if pairs:  # fields j and j + P / 2 (bits j * bits and 16 + j * bits) in one mask-or
-            m2 = jnp.uint32(((1 << bits) - 1) * 0x10001)
-            magic = jnp.uint32(_PAIR_MAGIC)
-
-            def pair(j, c):
-                sh = (j * bits).astype(jnp.uint32)
-                ku = ((kw >> sh) & m2) | magic
-                vus = tuple(((v >> sh) & m2) | magic for v in vws)
-                c = _online_update_many(c, [tile(n, j, ku, vus, 0, half=0)])
-                return _online_update_many(c, [tile(n, j + per // 2, ku, vus, 0, half=1)])
-
-            carry = lax.fori_loop(0, per // 2, pair, carry)
-        elif dequant:  # fields grouped by the word shift that brings them into the mantissa
+        if dequant:  # fields grouped by the word shift that brings them into the mantissa
             for shift, fields in unpack_plan(bits, fast, nf):
                 if reloading:
                     ksrc, vsrc = None, None
@@ -692,12 +668,12 @@ def _pow2_floor(n: int) -> int:
     jax.jit,
     static_argnames=("scale", "variant", "block_tokens", "num_splits", "num_warps", "num_stages",
                      "fast_unpack", "value_split", "unroll", "prefetch", "zero_in_codes",
-                     "dequant", "reload", "pairs", "fields", "interpret"),
+                     "dequant", "reload", "fields", "interpret"),
 )
 def _partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantized,
               residual_keys, residual_values, num_residual, *, scale, variant, block_tokens,
               num_splits, num_warps, num_stages, fast_unpack, value_split, unroll, prefetch,
-              zero_in_codes, dequant, reload, pairs, fields, interpret):
+              zero_in_codes, dequant, reload, fields, interpret):
     bits, g, vg, gq = _layout(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                               num_quantized)
     b, hq, d = q.shape
@@ -754,8 +730,7 @@ def _partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantiz
     elif fold:
         kernel = functools.partial(_fold_kernel, unroll=unroll, prefetch=prefetch,
                                    zero_in_codes=zero_in_codes, dequant=dequant,
-                                   fast=fast_unpack, reload=reload, nf=fields or 1,
-                                   pairs=pairs, **common)
+                                   fast=fast_unpack, reload=reload, nf=fields or 1, **common)
     else:
         kernel = functools.partial(_kernel, tile_blocks=nt, fast=fast_unpack,
                                    value_split=value_split, **common)
@@ -783,7 +758,7 @@ def _partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantiz
 DEFAULT_CONFIG = {
     bits: dict(variant="fold", block_tokens=64, num_warps=2, num_stages=1, value_split=False,
                unroll=False, prefetch=False, zero_in_codes=True, dequant=True, reload=False,
-               fast_unpack=False, fields=None, pairs=False)
+               fast_unpack=False, fields=None)
     for bits in (8, 4, 2)
 }
 VARIANTS = ("fold", "tile", "stack")
@@ -811,7 +786,6 @@ def quantized_decode_partials(
     zero_in_codes: bool | None = None,
     dequant: bool | None = None,
     reload: bool | None = None,
-    pairs: bool | None = None,
     fields: int | None = None,
     interpret: bool | None = None,
 ) -> tuple[Array, Array, Array]:
@@ -839,10 +813,6 @@ def quantized_decode_partials(
         into the query / probability rows (see `_fold_kernel`).
       reload ("fold" with dequant): every code field loads its block's words again (from L1)
         instead of keeping them in registers across the field loop (see `_fold_kernel`).
-      pairs ("fold" with dequant; int4 / int2, bfloat16 queries and scales): unpack the two
-        fields j and j + P / 2 of a word (bits j * bits and 16 + j * bits) with one mask-or
-        into two bfloat16 halves 2^7 + code, then scale each in bfloat16 (x - 2^7 is exact;
-        one rounding, as the float32 path's cast): fewer instructions per element.
       fields: code fields per online-softmax step. "stack": a power of two dividing 32 / bits
         (None: as many as fill 16 query rows). "fold": needs dequant, a power of two up to
         `fields_per_shift(bits, fast_unpack)` (None: 1).
@@ -877,8 +847,7 @@ def quantized_decode_partials(
     cfg = launch_config(DEFAULT_CONFIG[bits], block_tokens=block_tokens, num_warps=num_warps,
                         num_stages=num_stages, unroll=unroll, prefetch=prefetch,
                         zero_in_codes=zero_in_codes, dequant=dequant, reload=reload,
-                        fast_unpack=fast_unpack, value_split=value_split, fields=fields,
-                        pairs=pairs)
+                        fast_unpack=fast_unpack, value_split=value_split, fields=fields)
     fields = cfg["fields"]
     fast = (q.dtype != jnp.float32) if cfg["fast_unpack"] is None else bool(cfg["fast_unpack"])
     interpret = resolve_interpret(interpret)
@@ -901,15 +870,6 @@ def quantized_decode_partials(
             f'fields > 1 with variant "fold" needs dequant=True and at most '
             f"{fields_per_shift(bits, fast)} fields at {bits} bits (fast_unpack={fast}), "
             f"got {fields!r}")
-    if cfg["pairs"] and (variant != "fold" or not cfg["dequant"] or bits == 8
-                         or cfg["reload"] or cfg["unroll"] or fields not in (None, 1)
-                         or q.dtype != jnp.bfloat16 or k_scale.dtype != jnp.bfloat16
-                         or v_scale.dtype != jnp.bfloat16):
-        raise ValueError(
-            'pairs needs variant "fold" with dequant, 4 or 2 bits, bfloat16 queries and '
-            "scales, and no reload / unroll / fields; got variant "
-            f"{variant!r}, dequant={cfg['dequant']}, bits={bits}, q {q.dtype}, "
-            f"scales {k_scale.dtype}")
     if variant == "tile" and fields not in (None, 1):
         raise ValueError(f'variant "tile" takes no fields, got {fields!r}')
     bt = cfg["block_tokens"]
@@ -928,7 +888,7 @@ def quantized_decode_partials(
         fast_unpack=fast, value_split=bool(cfg["value_split"]),
         unroll=bool(cfg["unroll"]), prefetch=bool(cfg["prefetch"]),
         zero_in_codes=bool(cfg["zero_in_codes"]), dequant=bool(cfg["dequant"]),
-        reload=bool(cfg["reload"]), pairs=bool(cfg["pairs"]), fields=fields,
+        reload=bool(cfg["reload"]), fields=fields,
         interpret=interpret,
     )
 
