@@ -487,14 +487,13 @@ def run_tune(args, copy_bw, small):
     ctx = 512 if small else 32768
     t0 = time.perf_counter()
     # Cumulative shares of the budget per section (a section that ends early leaves its
-    # slack to the next): decode b1 / b8 25% each, block-sparse 22%, Quest the rest.
-    share = iter((0.25, 0.5, 0.72, 1.0))
+    # slack to the next): decode b1 / b8 25% each, block-sparse 22%, Quest the rest; with
+    # --tune_only=decode the two decode sweeps share the whole budget.
+    share = iter((0.5, 1.0) if args.tune_only == "decode" else (0.25, 0.5, 0.72, 1.0))
 
     def section():
         TUNE_END[0] = t0 + next(share) * args.tune_budget_s
 
-    if args.tune_only == "decode":  # the ragged decode sweeps get the whole budget
-        share = iter((0.5, 1.0))
     dec = {}
     for b in ((1, 2) if small else (1, 8)):
         section()

@@ -75,7 +75,7 @@ T0 = time.time()
 TUNE_GRID = [
     # the best of the fourth session's first sweep ("fold", dequant, exact unpack, 2 warps) and,
     # around it, options untimed when written: `reload` (words re-read per field instead of held
-    # in registers: 254 -> 168 registers at 4 warps offline), `fields` per softmax step, splits
+    # in registers: 191 -> 168 registers at 4 warps offline), `fields` per softmax step, splits
     dict(variant="fold", num_warps=2, num_stages=1, dequant=True, fast_unpack=False),
     dict(variant="fold", num_warps=2, num_stages=1, dequant=True, fast_unpack=False, reload=True),
     dict(variant="fold", num_warps=4, num_stages=1, dequant=True, fast_unpack=False, reload=True),

@@ -131,9 +131,10 @@ def unpack_plan(
     window; `fields_per_shift`).
     """
     per, lo, top = 32 // bits, FAST_WINDOW if fast else 0, _MANTISSA - bits
-    if multiple < 1 or per % multiple or multiple > fields_per_shift(bits, fast):
-        raise ValueError(f"multiple must divide {per} and be at most "
-                         f"{fields_per_shift(bits, fast)} at {bits} bits, got {multiple}")
+    limit = fields_per_shift(bits, fast)
+    if multiple < 1 or per % multiple or multiple > limit:
+        raise ValueError(f"multiple must divide {per} and be at most {limit} at {bits} bits, "
+                         f"got {multiple}")
     plan, j = [], 0
     while j < per:
         shift = bits * j - lo
@@ -822,8 +823,8 @@ def quantized_decode_partials(
     fast_unpack ("tile", and "fold" with dequant): read codes without the FADD of the exact
       2^23 trick (`_field`): the zero point absorbs a power-of-two offset, adding an error
       <= scale * 2^-9 per dequantized element, below the rounding of the bf16/fp16 dot
-      operands. None: `DEFAULT_CONFIG` (off: with "fold" it spilled registers and measured
-      1.1-1.6x slower on the H100).
+      operands. None: `DEFAULT_CONFIG` (off: with "fold" at 2 warps it spills registers; on the
+      H100 int4 / int2 ran 1.3-1.5x slower with it, int8 the same).
     value_split ("tile"): dequantize values as D / Gv tiles [T, Gv] with one dot each instead of one
       [T, ncg, Gv] tile reshaped to [T, D] and one dot (an alternative lowering, same result).
     interpret: None runs interpreted on CPU and compiled (Triton) elsewhere.
@@ -849,7 +850,7 @@ def quantized_decode_partials(
                         zero_in_codes=zero_in_codes, dequant=dequant, reload=reload,
                         fast_unpack=fast_unpack, value_split=value_split, fields=fields)
     fields = cfg["fields"]
-    fast = (q.dtype != jnp.float32) if cfg["fast_unpack"] is None else bool(cfg["fast_unpack"])
+    fast = bool(cfg["fast_unpack"])
     interpret = resolve_interpret(interpret)
     if variant is None:
         variant = cfg["variant"] if vg >= 16 or interpret else "tile"
@@ -863,13 +864,11 @@ def quantized_decode_partials(
                                or fields & (fields - 1) or fields > per):
         raise ValueError(f"fields must be a power of two in [1, {per}] at {bits} bits, "
                          f"got {fields!r}")
-    if variant == "fold" and fields not in (None, 1) and (
-        not cfg["dequant"] or fields > fields_per_shift(bits, fast)
-    ):
+    limit = fields_per_shift(bits, fast)
+    if variant == "fold" and fields not in (None, 1) and (not cfg["dequant"] or fields > limit):
         raise ValueError(
-            f'fields > 1 with variant "fold" needs dequant=True and at most '
-            f"{fields_per_shift(bits, fast)} fields at {bits} bits (fast_unpack={fast}), "
-            f"got {fields!r}")
+            f'fields > 1 with variant "fold" needs dequant=True and at most {limit} fields at '
+            f"{bits} bits (fast_unpack={fast}), got {fields!r}")
     if variant == "tile" and fields not in (None, 1):
         raise ValueError(f'variant "tile" takes no fields, got {fields!r}')
     bt = cfg["block_tokens"]
