@@ -36,7 +36,7 @@ instead of holding them in registers), `fields` (several fields per online-softm
 `fast_unpack` (no FADD; spills at 2 warps); `gather_scales` (scales loaded as whole tiles) was
 tried in commit d1beea1, 1.16x slower, and removed.
 "stack" (`_stack_kernel`): "fold" with 16 / Gq fields per step stacked as query rows
-(block-diagonal operands); timed 2.1x slower than the default.
+(block-diagonal operands); timed 1.9-2.1x slower than the default.
 
 "tile" (`_kernel`, kept for Gv < 16 and for comparison): one iteration = one tile of Nt =
 block_tokens / G blocks; for each of the P fields (unrolled: shifts and masks constants) the
