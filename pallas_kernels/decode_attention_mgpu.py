@@ -32,6 +32,8 @@ import functools
 import math
 
 import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
@@ -45,9 +47,6 @@ _LOG2E = math.log2(math.e)
 
 
 def _kernel(*refs, block_k, stages, splits, scale, out_rows, dtype, has_pos):
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
     if has_pos:
         (q_ref, k_ref, v_ref, len_ref, pos_ref, qpos_ref, o_ref, m_ref, l_ref,
          q_smem, k_smem, v_smem, p_smem, o_smem, m_smem, l_smem, q_bar, k_bar, v_bar,
@@ -130,8 +129,6 @@ def _kernel(*refs, block_k, stages, splits, scale, out_rows, dtype, has_pos):
 @functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "num_stages"))
 def _decode(q, keys, values, lengths, kv_positions, q_positions, *, scale, block_k, num_splits,
             num_stages):
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
     b, hq, d = q.shape
     _, hkv, cap, dv = values.shape
     g = hq // hkv
