@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments._bench import copy_bandwidth, make_log, rel_err, time_jax  # noqa: E402
-from experiments.bench_kernels import torch_sdpa_time  # noqa: E402
+from experiments.bench_kernels import make_cache, torch_sdpa_time  # noqa: E402
 from pallas_kernels import decode_attention as da  # noqa: E402
 from pallas_kernels import decode_attention_mgpu as dm  # noqa: E402
 
@@ -92,11 +92,9 @@ def bench(b: int, ctx: int, copy_bw: float, budget_end: float) -> dict:
     qs = jax.random.normal(key, (reps, b, hkv * g, d), jnp.bfloat16)
     nsets = max(1, min(4, int(200e6 // nbytes) + 1))
     sets = []
-    for s in range(nsets):
-        k1, k2 = jax.random.split(jax.random.key(100 + s))
-        sets.append((jax.random.normal(k1, (b, hkv, ctx, d), jnp.bfloat16),
-                     jax.random.normal(k2, (b, hkv, ctx, d), jnp.bfloat16),
-                     jnp.full((b, hkv), ctx, jnp.int32)))
+    for s in range(nsets):  # full lengths: every set's positions are 0 .. ctx - 1
+        k, v, lengths, pos = make_cache(jax.random.key(100 + s), b, hkv, ctx, d, jnp.bfloat16)
+        sets.append((k, v, lengths))
     ref = da.reference(qs[0], *sets[0])
     row = {"batch": b, "ctx": ctx}
 
@@ -118,8 +116,6 @@ def bench(b: int, ctx: int, copy_bw: float, budget_end: float) -> dict:
             break
         report("mgpu " + json.dumps(cfg), lambda q, k, v, ln, cfg=cfg:
                dm.ragged_decode_attention_mgpu(q, k, v, ln, **cfg))
-    slot = jnp.arange(ctx, dtype=jnp.int32)[None, None]
-    pos = jnp.broadcast_to(slot, (b, hkv, ctx))
     qpos = jnp.full((b,), ctx, jnp.int32)
     report("triton +pos", lambda q, k, v, ln: da.ragged_decode_attention(
         q, k, v, ln, kv_positions=pos, q_positions=qpos))

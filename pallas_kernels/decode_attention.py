@@ -259,7 +259,8 @@ def reference(
 
     Heads that see no key return zeros.
     """
-    _check(q, keys, values, lengths, offsets, kv_positions, q_positions, sliding_window, kv_bias)
+    check_inputs(q, keys, values, lengths, offsets, kv_positions, q_positions, sliding_window,
+                 kv_bias)
     keys, values, pos, bias = _dense_view(keys, values, lengths, offsets, kv_positions, kv_bias)
     b, hq, d = q.shape
     hkv, cap = keys.shape[1], keys.shape[2]
@@ -289,8 +290,9 @@ def reference(
 # --- input checks ------------------------------------------------------------------------
 
 
-def _check(q, keys, values, lengths, offsets, kv_positions, q_positions, sliding_window,
-           kv_bias=None):
+def check_inputs(q, keys, values, lengths, offsets, kv_positions, q_positions, sliding_window,
+                 kv_bias=None):
+    """ValueError/TypeError naming the argument for inputs no decode kernel here accepts."""
     if q.ndim != 3:
         raise ValueError(f"q must be [B, Hq, D], got shape {q.shape}")
     pool = offsets is not None
@@ -670,7 +672,8 @@ def ragged_decode_attention(
 
     Raises ValueError/TypeError on mismatched shapes/dtypes before anything is launched.
     """
-    _check(q, keys, values, lengths, offsets, kv_positions, q_positions, sliding_window, kv_bias)
+    check_inputs(q, keys, values, lengths, offsets, kv_positions, q_positions, sliding_window,
+                 kv_bias)
     b, hkv = lengths.shape
     span = keys.shape[1] if offsets is not None else keys.shape[2]  # longest possible head
     d, dv = q.shape[-1], values.shape[-1]

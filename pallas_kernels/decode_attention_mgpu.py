@@ -37,7 +37,12 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.decode_attention import merge_partials
+from pallas_kernels.decode_attention import (
+    check_inputs,
+    check_num_splits,
+    merge_partials,
+    pad_query_groups,
+)
 
 Array = jax.Array
 
@@ -130,10 +135,9 @@ def _kernel(*refs, block_k, stages, splits, scale, out_rows, dtype, has_pos):
 def _decode(q, keys, values, lengths, kv_positions, q_positions, *, scale, block_k, num_splits,
             num_stages):
     b, hq, d = q.shape
-    _, hkv, cap, dv = values.shape
-    g = hq // hkv
+    hkv, dv = values.shape[1], values.shape[-1]
+    qg, g, _ = pad_query_groups(q, hkv, ROWS)  # [B, Hkv, ROWS, D]: G <= ROWS is checked
     out_rows = max(4, -(-g // 4) * 4)  # TMA stores need >= 16 bytes per row of m and l
-    qg = jnp.pad(q.reshape(b, hkv, g, d), ((0, 0), (0, 0), (0, ROWS - g), (0, 0)))
     swz = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     dtype = q.dtype
     f32 = jnp.float32
@@ -184,35 +188,26 @@ def ragged_decode_attention_mgpu(
     num_splits: int = 16,
     num_stages: int = 3,
 ) -> Array:
-    """[B, Hq, Dv] decode attention (layouts in the module doc) on the Mosaic GPU backend."""
-    b, hq, d = q.shape
-    if keys.ndim != 4 or keys.shape[:2] != lengths.shape or keys.shape[0] != b:
-        raise ValueError(f"keys must be [B, Hkv, C, D] with lengths [B, Hkv]; got keys "
-                         f"{keys.shape}, lengths {lengths.shape}, q {q.shape}")
-    _, hkv, cap, _ = keys.shape
-    if values.shape[:3] != keys.shape[:3]:
-        raise ValueError(f"values {values.shape} must match keys {keys.shape} up to the last dim")
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or keys.dtype != q.dtype \
-            or values.dtype != q.dtype:
-        raise TypeError(f"q, keys, values must all be bf16 or fp16; got {q.dtype}, "
-                        f"{keys.dtype}, {values.dtype}")
-    if hq % hkv or hq // hkv > ROWS:
-        raise ValueError(f"Hq ({hq}) must be a multiple of Hkv ({hkv}) with Hq / Hkv <= {ROWS}")
-    if d % 64 or values.shape[-1] % 64 or keys.shape[-1] != d:
-        raise ValueError(f"head dims must be multiples of 64 and keys' must equal q's; got "
-                         f"q {d}, keys {keys.shape[-1]}, values {values.shape[-1]}")
+    """[B, Hq, Dv] decode attention (layouts in the module doc) on the Mosaic GPU backend.
+
+    Raises ValueError/TypeError before launching: the shared checks of the Triton kernel
+    (`decode_attention.check_inputs`), then this kernel's own limits.
+    """
+    check_inputs(q, keys, values, lengths, None, kv_positions, q_positions, None)
+    _, hq, d = q.shape
+    _, hkv, cap, dv = values.shape
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise TypeError(f"q, keys, values must all be bf16 or fp16; got {q.dtype}")
+    if hq // hkv > ROWS:
+        raise ValueError(f"Hq / Hkv ({hq} / {hkv}) must be <= {ROWS}")
+    if d % 64 or dv % 64:
+        raise ValueError(f"head dims must be multiples of 64; got keys {d}, values {dv}")
     if block_k not in (64, 128, 256) or cap % block_k:
         raise ValueError(f"block_k must be 64, 128 or 256 and divide the capacity {cap}; "
                          f"got {block_k}")
-    if num_splits < 1 or num_stages < 1:
-        raise ValueError(f"num_splits and num_stages must be >= 1; got {num_splits}, "
-                         f"{num_stages}")
-    if (kv_positions is None) != (q_positions is None):
-        raise ValueError("kv_positions and q_positions must be given together")
-    if kv_positions is not None and (kv_positions.shape != keys.shape[:3]
-                                     or q_positions.shape != (b,)):
-        raise ValueError(f"kv_positions must be [B, Hkv, C] = {keys.shape[:3]} and q_positions "
-                         f"[B]; got {kv_positions.shape}, {q_positions.shape}")
+    check_num_splits(num_splits)
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1; got {num_stages}")
     scale = d**-0.5 if scale is None else float(scale)
     return _decode(q, keys, values, lengths, kv_positions, q_positions, scale=scale,
                    block_k=block_k, num_splits=num_splits, num_stages=num_stages)

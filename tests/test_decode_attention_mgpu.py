@@ -48,20 +48,27 @@ def test_rejects_bad_input():
     q = jnp.zeros((1, 8, 128), jnp.bfloat16)
     k = jnp.zeros((1, 2, 256, 128), jnp.bfloat16)
     n = jnp.full((1, 2), 256, jnp.int32)
-    with pytest.raises(TypeError, match="bf16 or fp16"):
+    with pytest.raises(TypeError, match="share one dtype"):
         dm.ragged_decode_attention_mgpu(q.astype(jnp.float32), k, k, n)
+    f32 = jnp.float32
+    with pytest.raises(TypeError, match="bf16 or fp16"):
+        dm.ragged_decode_attention_mgpu(q.astype(f32), k.astype(f32), k.astype(f32), n)
     with pytest.raises(ValueError, match="block_k"):
         dm.ragged_decode_attention_mgpu(q, k, k, n, block_k=96)
     with pytest.raises(ValueError, match="divide the capacity"):
         dm.ragged_decode_attention_mgpu(q, k[:, :, :200], k[:, :, :200], n)
     with pytest.raises(ValueError, match="multiples of 64"):
         dm.ragged_decode_attention_mgpu(q[..., :96], k[..., :96], k[..., :96], n)
-    with pytest.raises(ValueError, match="Hq"):
+    with pytest.raises(ValueError, match="multiple of KV heads"):
         dm.ragged_decode_attention_mgpu(q[:, :7], k, k, n)
+    with pytest.raises(ValueError, match="<= 64"):
+        dm.ragged_decode_attention_mgpu(jnp.zeros((1, 130, 128), jnp.bfloat16), k, k, n)
     with pytest.raises(ValueError, match="together"):
         dm.ragged_decode_attention_mgpu(q, k, k, n, kv_positions=jnp.zeros((1, 2, 256), jnp.int32))
-    with pytest.raises(ValueError, match="kv_positions must be"):
+    with pytest.raises(ValueError, match="kv_positions must have shape"):
         dm.ragged_decode_attention_mgpu(q, k, k, n, kv_positions=jnp.zeros((1, 2, 255), jnp.int32),
                                         q_positions=jnp.zeros((1,), jnp.int32))
     with pytest.raises(ValueError, match="num_splits"):
         dm.ragged_decode_attention_mgpu(q, k, k, n, num_splits=0)
+    with pytest.raises(ValueError, match="num_stages"):
+        dm.ragged_decode_attention_mgpu(q, k, k, n, num_stages=0)
