@@ -12,7 +12,9 @@ call issues around it (merges, selections). On the device machine:
 Shapes as in bench_kernels / bench_quant: 32 query / 8 KV heads, head dim 128, bf16, batch 8,
 32768 tokens; block-sparse with 1/8 of the 64-token blocks active, Quest with 16- and 32-token
 pages and a budget of 4096 tokens, KIVI with group 32 and a full 128-token residual. `--only`
-restricts the set; `--cpu` runs it at tiny shapes in interpret mode (smoke test).
+restricts the set (`torch`: PyTorch SDPA on the same buffers; `dense_nopos`: the ragged kernel
+masking by lengths only), `--batch` sets the batch; `--cpu` runs it at tiny shapes in interpret
+mode (smoke test).
 """
 
 from __future__ import annotations
@@ -66,6 +68,16 @@ QUANT_VARIANTS = {  # kernel keyword arguments of the quantized cases (int{bits}
 }
 
 
+def _torch_sdpa(q, k, v) -> None:
+    """torch SDPA (GQA) on the same buffers (DLPack, zero copy); waits for the GPU."""
+    import torch
+    import torch.nn.functional as F
+
+    tq, tk, tv = (torch.from_dlpack(x) for x in (q[:, :, None], k, v))
+    F.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True)
+    torch.cuda.synchronize()
+
+
 def cases(b: int, ctx: int, hkv: int, g: int, d: int) -> dict:
     """name -> (jitted fn, args)."""
     k, v, lengths, pos = make_cache(jax.random.key(1), b, hkv, ctx, d, jnp.bfloat16)
@@ -74,6 +86,8 @@ def cases(b: int, ctx: int, hkv: int, g: int, d: int) -> dict:
     out = {}
     out["dense"] = (jax.jit(lambda q, k, v, ln, p, qp: da.ragged_decode_attention(
         q, k, v, ln, kv_positions=p, q_positions=qp)), (q, k, v, lengths, pos, qpos))
+    out["dense_nopos"] = (jax.jit(da.ragged_decode_attention), (q, k, v, lengths))
+    out["torch"] = (_torch_sdpa, (q, k, v))
     idx, cnt = random_blocks(b, hkv, ctx // 64, 8)
     out["bs_1/8"] = (jax.jit(lambda q, k, v, ln, p, qp, i, c: bsa.block_sparse_decode(
         q, k, v, ln, i, c, block_size=64, kv_positions=p, q_positions=qp)),
@@ -96,8 +110,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", default="", help="comma-separated case names (default: all)")
     ap.add_argument("--cpu", action="store_true", help="tiny shapes, interpret mode")
+    ap.add_argument("--batch", type=int, default=8, help="batch (GPU shapes)")
     args = ap.parse_args()
-    b, ctx = (1, 1024) if args.cpu else (8, 32768)
+    b, ctx = (1, 1024) if args.cpu else (args.batch, 32768)
     todo = cases(b, ctx, 8, 4, 128)
     if args.only:
         todo = {n: todo[n] for n in args.only.split(",")}
