@@ -28,7 +28,11 @@ import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, vector
+from jax.experimental.mosaic import gpu as mgpu
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -169,6 +173,67 @@ def scores_stats(q8, keys, values_t=None, *, splits=16, stages=4, zeros=False):
     )(*args)
 
 
+def expand_scaled(q_ref, ks_ref):
+    """[64, 128] bf16 in WGMMA layout, row r = q[r % 4] * ks[2 (r // 16) + (r // 4) % 2].
+
+    The key-scale fold of the planned kernel: a 256-token block holds 8 key groups; row
+    16 i + 8 d + 4 l + h of this array is query head h times the scale row of group 2 i + l of
+    the block (d duplicates the columns), so tile i (tokens 64 i .. 64 i + 63) reads its
+    16-column B operand as rows 16 i .. 16 i + 15. Per-row gathers have no Pallas-level form,
+    hence plgpu.inline_mgpu: each thread loads its own (row, column pair) values from the
+    untiled shared-memory q [4, 128] and ks [8, 128] and multiplies them.
+    """
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()),
+                       return_type=plgpu.ShapeDtypeStruct((64, 128), jnp.bfloat16,
+                                                          layout=plgpu.Layout.WGMMA))
+    def f(ctx, q_ref, ks_ref):
+        del ctx
+        layout, shape = mgpu.WGMMA_LAYOUT, (64, 128)
+        vty = ir.VectorType.get((2,), ir.BF16Type.get())
+        index = ir.IndexType.get()
+
+        def c(v):
+            return arith.constant(index, v)
+
+        regs = np.empty(layout.registers_shape(shape), dtype=object)
+        for reg_idx, (row, col) in zip(np.ndindex(regs.shape), layout.thread_idxs(shape)):
+            h = arith.remui(row, c(4))
+            g = arith.addi(arith.muli(arith.divui(row, c(16)), c(2)),
+                           arith.remui(arith.divui(row, c(4)), c(2)))
+            regs[reg_idx] = arith.mulf(vector.load(vty, q_ref, [h, col]),
+                                       vector.load(vty, ks_ref, [g, col]))
+        return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
+
+    return f(q_ref, ks_ref)
+
+
+def _expand_kernel(q_hbm, ks_hbm, o_hbm, q_smem, ks_smem, o_smem, bar):
+    plgpu.copy_gmem_to_smem(q_hbm, q_smem, bar.at[0])
+    plgpu.copy_gmem_to_smem(ks_hbm, ks_smem, bar.at[1])
+    plgpu.barrier_wait(bar.at[0])
+    plgpu.barrier_wait(bar.at[1])
+    o_smem[...] = expand_scaled(q_smem, ks_smem)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_hbm)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def expand_call(q, ks):
+    """Runs expand_scaled on q bf16[4, 128], ks bf16[8, 128] -> bf16[64, 128]."""
+    swz = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    return plgpu.kernel(
+        _expand_kernel, out_type=jax.ShapeDtypeStruct((64, 128), jnp.bfloat16),
+        scratch_types=[plgpu.SMEM((4, 128), jnp.bfloat16), plgpu.SMEM((8, 128), jnp.bfloat16),
+                       plgpu.SMEM((64, 128), jnp.bfloat16, transforms=swz),
+                       plgpu.Barrier(num_barriers=2)])(q, ks)
+
+
+def expand_reference(q, ks):
+    r = np.arange(64)
+    return q[r % 4] * ks[2 * (r // 16) + (r // 4) % 2]
+
+
 def reference(q8, keys, values_t, splits):
     """jnp (o^T, m, l) of the same split layout, float32 (o^T None without values)."""
     bsz, hkv, cap, d = keys.shape
@@ -208,9 +273,16 @@ def main() -> None:
                 f = functools.partial(scores_stats, splits=4, zeros=zeros)
                 jax.jit(f).trace(q8, keys, vals).lower(lowering_platforms=("cuda",))
                 print("lowered", keys.dtype, vals is not None, zeros)
+        q, ks = jnp.ones((4, 128), jnp.bfloat16), jnp.ones((8, 128), jnp.bfloat16)
+        jax.jit(expand_call).trace(q, ks).lower(lowering_platforms=("cuda",))
+        print("lowered expand_scaled")
         return
     from experiments._bench import time_jax  # noqa: PLC0415
 
+    q = jax.random.normal(jax.random.key(5), (4, 128), jnp.float32).astype(jnp.bfloat16)
+    ks = jax.random.normal(jax.random.key(6), (8, 128), jnp.float32).astype(jnp.bfloat16)
+    print("check expand_scaled: rel. err", _err(expand_call(q, ks).astype(jnp.float32),
+                                                 expand_reference(q, ks).astype(jnp.float32)))
     q8, k4, v4, kb, vb = inputs(jax.random.key(0), 2, 4, 8192, 128)
     for keys, vals in ((k4, None), (kb, None), (k4, v4), (kb, vb)):
         for zeros in (False, True) if vals is not None else (False,):
