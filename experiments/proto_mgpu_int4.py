@@ -1,17 +1,19 @@
-"""Probe: int4 keys as WGMMA register operands on Pallas Mosaic GPU (scores only, no values).
+"""Probe: int4 keys and values as WGMMA register operands on Pallas Mosaic GPU.
 
 The question this answers before a quantized Mosaic GPU decode kernel is written
-(docs/benchmarks_quant.md, next steps item 7): can int4 key codes be streamed by TMA, upcast to
-bf16 in registers (Mosaic GPU's i4 -> bf16 conversion, layout WGMMA_UPCAST_4X -> WGMMA) and fed
-to WGMMA as the A operand (tokens as the 64 M rows, S^T = K Q^T with N = 8 padded query heads)
-fast enough to read keys near the int4 byte rate? Each program streams its split of one head's
-keys and keeps a float32 online max / sum of exp per column, so the scores cannot be skipped;
-the bf16 variant does the same from bf16 keys in shared memory (the dense baseline: 4x the
-bytes).
+(docs/benchmarks_quant.md, next steps items 7-8): can int4 codes be streamed by TMA, upcast to
+bf16 in registers (Mosaic GPU's i4 -> bf16 conversion, layout WGMMA_UPCAST_4X relaid out to
+WGMMA before the cast) and fed to WGMMA as the A operand fast enough to read a cache near the
+int4 byte rate? Keys: tokens as the 64 M rows, S^T = K Q^T with N = 16 query columns. Values
+(optional): channels as M rows, O^T = V^T P with P stored to shared memory as the B operand.
+Each program streams its split of one head with a float32 online softmax per column, so no
+work can be skipped; the bf16 variant runs the same kernel on bf16 tiles (4x the bytes), and
+`zeros=True` adds the ones x P product that would carry value zero points. No scales here:
+codes are the values (the planned fold of scales into B is `expand_scaled` below).
 
-Layouts: q8 bf16[B, H, 8, D] (query heads of a KV head, zero padded to 8 rows),
-codes int4[B, H, C, D] (signed codes; a scale and zero point would fold into q8 and a per-group
-bias, not done here), keys bf16[B, H, C, D]. Outputs m, l float32[B, H, S, 8] (log2 domain).
+Layouts: q8 bf16[B, H, N, D] (query heads of a KV head, padded to N rows), keys int4 or
+bf16[B, H, C, D] (token-major), values_t the same dtype [B, H, Dv, C] (channel-major).
+Outputs o^T float32[B, H, S, Dv, N] (with values), m, l float32[B, H, S, N] (log2 domain).
 
     PYTHONPATH=. python3 experiments/proto_mgpu_int4.py            # GPU: check + time
     python experiments/proto_mgpu_int4.py --lower                  # CPU: lower for CUDA only
