@@ -314,20 +314,22 @@ def tune_decode(b, ctx, hkv, g, d, copy_bw, small):
     return t, cfg
 
 
-def torch_sdpa_time(qs, kv_sets, reps):
-    """torch scaled_dot_product_attention (GQA) on the same buffers, CUDA graph; None off GPU."""
-    import torch
+def torch_sdpa(q, k, v):
+    """torch scaled_dot_product_attention with GQA: q [B, Hq, 1, D], k/v [B, Hkv, C, D]."""
     import torch.nn.functional as F
+
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def torch_sdpa_time(qs, kv_sets, reps):
+    """torch_sdpa on the same buffers (DLPack, zero copy), CUDA graph; None off GPU."""
+    import torch
 
     if not torch.cuda.is_available():
         return None
     tq = [torch.from_dlpack(qs[i][:, :, None]) for i in range(reps)]
     tkv = [(torch.from_dlpack(k), torch.from_dlpack(v)) for k, v in kv_sets]
-
-    def sdpa(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-    return time_torch(sdpa, tq, tkv, reps)
+    return time_torch(torch_sdpa, tq, tkv, reps)
 
 
 def tune_block_sparse(b, ctx, hkv, g, d, small):

@@ -32,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.bench_kernels import make_cache, random_blocks  # noqa: E402
+from experiments.bench_kernels import make_cache, random_blocks, torch_sdpa  # noqa: E402
 from experiments.bench_quant import QARGS, random_quantized  # noqa: E402
 from kvjax import attention  # noqa: E402
 from kvjax.sparse.quest import from_layer, quest_attend  # noqa: E402
@@ -69,12 +69,10 @@ QUANT_VARIANTS = {  # kernel keyword arguments of the quantized cases (int{bits}
 
 
 def _torch_sdpa(q, k, v) -> None:
-    """torch SDPA (GQA) on the same buffers (DLPack, zero copy); waits for the GPU."""
+    """bench_kernels.torch_sdpa on the same buffers (DLPack, zero copy); waits for the GPU."""
     import torch
-    import torch.nn.functional as F
 
-    tq, tk, tv = (torch.from_dlpack(x) for x in (q[:, :, None], k, v))
-    F.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True)
+    torch_sdpa(*(torch.from_dlpack(x) for x in (q[:, :, None], k, v)))
     torch.cuda.synchronize()
 
 

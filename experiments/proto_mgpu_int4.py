@@ -72,7 +72,9 @@ def _kernel(*refs, stages, splits, int4, values, zeros):
     dv = v_smem.shape[1] if values else 0
     accs = tuple(plgpu.layout_cast(jnp.zeros((64, N), jnp.float32), plgpu.Layout.WGMMA)
                  for _ in range(dv // 64))
-    ones = plgpu.layout_cast(jnp.ones((64, 16), jnp.bfloat16), plgpu.Layout.WGMMA)
+    ones = None  # the A operand of the zero-point product, built only when it runs
+    if zeros:
+        ones = plgpu.layout_cast(jnp.ones((64, 16), jnp.bfloat16), plgpu.Layout.WGMMA)
 
     def a_operand(ref, regs=False):  # [64, 64] slice of a tile: int4 upcast in registers, or bf16
         if not int4:
@@ -141,11 +143,9 @@ def scores_stats(q8, keys, values_t=None, *, splits=16, stages=4, zeros=False):
     int4 = keys.dtype == jnp.int4
     if cap % (T * splits):
         raise ValueError(f"capacity {cap} must be a multiple of {T} x splits ({splits})")
-    if int4:
-        ktrans = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(32))
-    else:
-        ktrans = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     swz = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    # int4 tiles: 64 codes are 32 bytes per row, the swizzle UPCAST_4X loads can plan for
+    ktrans = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(32)) if int4 else swz
     f32 = jnp.float32
     kernel = functools.partial(_kernel, stages=stages, splits=splits, int4=int4, values=values,
                                zeros=zeros)
@@ -260,10 +260,6 @@ def inputs(key, b, h, cap, d):
         jnp.bfloat16)
 
 
-def _err(x, ref):
-    return float(jnp.linalg.norm((x - ref).ravel()) / jnp.linalg.norm(ref.ravel()))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lower", action="store_true", help="lower for CUDA on this host only")
@@ -279,12 +275,11 @@ def main() -> None:
         jax.jit(expand_call).trace(q, ks).lower(lowering_platforms=("cuda",))
         print("lowered expand_scaled")
         return
-    from experiments._bench import time_jax  # noqa: PLC0415
+    from experiments._bench import rel_err, time_jax  # noqa: PLC0415
 
     q = jax.random.normal(jax.random.key(5), (4, 128), jnp.float32).astype(jnp.bfloat16)
     ks = jax.random.normal(jax.random.key(6), (8, 128), jnp.float32).astype(jnp.bfloat16)
-    print("check expand_scaled: rel. err", _err(expand_call(q, ks).astype(jnp.float32),
-                                                 expand_reference(q, ks).astype(jnp.float32)))
+    print("check expand_scaled: rel. err", rel_err(expand_call(q, ks), expand_reference(q, ks)))
     q8, k4, v4, kb, vb = inputs(jax.random.key(0), 2, 4, 8192, 128)
     for keys, vals in ((k4, None), (kb, None), (k4, v4), (kb, vb)):
         for zeros in (False, True) if vals is not None else (False,):
@@ -292,9 +287,9 @@ def main() -> None:
             ref = reference(q8, keys, vals, 4)
             if zeros:
                 ref = (ref[0] + ref[2][:, :, :, None, :], *ref[1:])
-            errs = [_err(x, r) for x, r in zip(out[-2:], ref[1:])]
+            errs = [rel_err(x, r) for x, r in zip(out[-2:], ref[1:])]
             if vals is not None:
-                errs.append(_err(out[0], ref[0]))
+                errs.append(rel_err(out[0], ref[0]))
             print(f"check {str(keys.dtype):8s} values={vals is not None} zeros={zeros}: "
                   "rel. err (m, l, o) " + " ".join(f"{e:.1e}" for e in errs), flush=True)
     b, h, cap, d = 8, 8, 32768, 128
