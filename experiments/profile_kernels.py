@@ -14,7 +14,13 @@ Shapes as in bench_kernels / bench_quant: 32 query / 8 KV heads, head dim 128, b
 pages and a budget of 4096 tokens, KIVI with group 32 and a full 128-token residual. `--only`
 restricts the set (`torch`: PyTorch SDPA on the same buffers; `dense_nopos`: the ragged kernel
 masking by lengths only), `--batch` sets the batch; `--cpu` runs it at tiny shapes in interpret
-mode (smoke test).
+mode (smoke test). `proto_int4` / `proto_int4k` / `proto_bf16` (GPU only): the Mosaic GPU
+probe of experiments/proto_mgpu_int4.py (int4 keys + values, int4 keys only, bf16 keys +
+values; 16 splits, 2 stages); `int4_mgpu`, `int4_mgpu_b64` (GPU only): the
+Mosaic GPU int4 KIVI kernel (pallas_kernels/quantized_decode_attention_mgpu.py) with the
+options of `MGPU_VARIANTS`. `--repeat N` calls each case N times in the range, so that
+`nsys profile --capture-range=cudaProfilerApi` then `nsys stats -r cuda_gpu_kern_sum` gives
+each kernel's mean device time without launch gaps (the fair comparison with torch's kernels).
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ from kvjax.sparse.quest import from_layer, quest_attend  # noqa: E402
 from pallas_kernels import block_sparse_attention as bsa  # noqa: E402
 from pallas_kernels import decode_attention as da  # noqa: E402
 from pallas_kernels import quantized_decode_attention as qda  # noqa: E402
+
+MGPU_VARIANTS = {  # int4_mgpu{name}: quantized_decode_attention_mgpu keyword arguments
+    "": {},
+    "_b64": dict(block_tokens=64),
+}
 
 
 def _profiler(on: bool) -> None:
@@ -101,6 +112,22 @@ def cases(b: int, ctx: int, hkv: int, g: int, d: int) -> dict:
             out[f"int{bits}_{variant}"] = (
                 jax.jit(functools.partial(qda.quantized_decode_attention, **kw)),
                 (q, *(arrs[n] for n in QARGS)))
+    if jax.default_backend() == "gpu":  # Mosaic GPU has no interpret mode for these
+        from experiments import proto_mgpu_int4 as proto  # noqa: PLC0415
+
+        q8, k4, v4, kb, vb = proto.inputs(jax.random.key(3), b, hkv, ctx, d)
+        f = functools.partial(proto.scores_stats, splits=16, stages=2)
+        out["proto_int4"] = (f, (q8, k4, v4))
+        out["proto_int4k"] = (f, (q8, k4))
+        out["proto_bf16"] = (f, (q8, kb, vb))
+        from pallas_kernels import quantized_decode_attention_mgpu as qm  # noqa: PLC0415
+
+        arrs = random_quantized(jax.random.key(4), b, hkv, ctx - 128, d, 4, 32, 128)
+        k4, v4 = qm.repack_int4(arrs["k_codes"], arrs["v_codes"])
+        mg = (q, k4, arrs["k_scale"], arrs["k_zero"], v4, *(arrs[n] for n in QARGS[4:]))
+        for name, kw in MGPU_VARIANTS.items():
+            out[f"int4_mgpu{name}"] = (
+                jax.jit(functools.partial(qm.quantized_decode_attention_mgpu, **kw)), mg)
     return out
 
 
@@ -109,6 +136,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated case names (default: all)")
     ap.add_argument("--cpu", action="store_true", help="tiny shapes, interpret mode")
     ap.add_argument("--batch", type=int, default=8, help="batch (GPU shapes)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="calls of each case in the range (e.g. for nsys kernel averages)")
     args = ap.parse_args()
     b, ctx = (1, 1024) if args.cpu else (args.batch, 32768)
     todo = cases(b, ctx, 8, 4, 128)
@@ -120,7 +149,8 @@ def main() -> None:
         print("ready", name, flush=True)
     _profiler(True)
     for fn, a in todo.values():
-        jax.block_until_ready(fn(*a))
+        for _ in range(args.repeat):
+            jax.block_until_ready(fn(*a))
     _profiler(False)
     print("profiled:", ", ".join(todo), flush=True)
 

@@ -1,0 +1,159 @@
+"""GPU checks and timing of the Mosaic GPU int4 KIVI decode kernel against bf16 dense.
+
+`pallas_kernels/quantized_decode_attention_mgpu.py` (int4 codes by TMA, dequantized in
+registers, register-A WGMMA) is checked against `quantized_decode_attention.reference` on
+`kivi`-layout arrays repacked by `repack_int4` (ragged counts, partial residual, group sizes
+16 / 32 / 64, 1 to 16 query heads per KV head), then timed at batch x 32k next to the project's
+dense bf16 kernel (`ragged_decode_attention`) and the Triton int4 kernel
+(`quantized_decode_attention`, its default), all with `_bench.time_jax` in the same run.
+Shapes as bench_quant: 32 query / 8 KV heads, head dim 128, G = Gv = 32, full 128-token residual.
+
+    PYTHONPATH=. python3 experiments/bench_quant_mgpu.py --out $OUT          # GPU
+    python experiments/bench_quant_mgpu.py --lower                           # CPU: lowering
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments._bench import rel_err, time_jax  # noqa: E402
+from experiments.bench_kernels import make_cache  # noqa: E402
+from experiments.bench_quant import QARGS, random_quantized  # noqa: E402
+from pallas_kernels import decode_attention as da  # noqa: E402
+from pallas_kernels import quantized_decode_attention as qda  # noqa: E402
+from pallas_kernels import quantized_decode_attention_mgpu as qm  # noqa: E402
+
+LOG: list[str] = []
+GRID = ({},  # the defaults: 16 splits, 2 stages, 256-token steps
+        {"block_tokens": 128}, {"block_tokens": 64}, {"num_splits": 8}, {"num_splits": 32},
+        {"block_tokens": 128, "num_stages": 3}, {"block_tokens": 64, "num_stages": 4})
+CHECK_CONFIGS = ({}, {"num_stages": 3, "block_tokens": 128}, {"block_tokens": 64})
+# (batch, kv heads, query heads per kv head, head dim, G, tokens per head, residual, splits)
+CHECKS = ((2, 2, 4, 128, 32, ((1000, 37), (64, 0)), 50, 4),
+          (1, 3, 8, 128, 64, ((2048, 1999, 5),), 128, 8),
+          (2, 1, 16, 64, 16, ((512,), (300,)), 0, 2),
+          (1, 2, 1, 128, 32, ((4096, 4095),), 17, 16))
+
+
+def log(*parts) -> None:
+    line = " ".join(str(p) for p in parts)
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def case(key, b, h, gq, d, g, counts, r, cap=None):
+    """kivi-layout arrays (packed) with per-head counts, their repack, and a query."""
+    tokens = cap or max(max(c) for c in counts)
+    arrs = random_quantized(key, b, h, tokens, d, 4, g, max(r, 1))
+    arrs["num_quantized"] = jnp.array(counts, jnp.int32)
+    arrs["num_residual"] = jnp.full((b, h), r, jnp.int32)
+    q = jax.random.normal(jax.random.fold_in(key, 1), (b, h * gq, d), jnp.bfloat16)
+    k4, v4 = qm.repack_int4(arrs["k_codes"], arrs["v_codes"])
+    mg = (q, k4, arrs["k_scale"], arrs["k_zero"], v4, arrs["v_scale"], arrs["v_zero"],
+          arrs["num_quantized"], arrs["residual_keys"], arrs["residual_values"],
+          arrs["num_residual"])
+    return q, arrs, mg
+
+
+def checks() -> bool:
+    ok = True
+    for i, (b, h, gq, d, g, counts, r, splits) in enumerate(CHECKS):
+        q, arrs, mg = case(jax.random.key(10 + i), b, h, gq, d, g, counts, r)
+        cap = mg[1].shape[2]
+        ref = qda.reference(q, *(arrs[k] for k in QARGS))
+        for cfg in CHECK_CONFIGS if i == 0 else CHECK_CONFIGS[i % 3:i % 3 + 1]:
+            out = qm.quantized_decode_attention_mgpu(*mg, num_splits=splits, **cfg)
+            err = rel_err(out, ref)
+            good = err < 1e-2 and bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+            ok &= good
+            log(f"check b{b} h{h} gq{gq} d{d} G{g} cap{cap} counts {counts} residual {r} "
+                f"splits {splits} {json.dumps(cfg)}: rel err {err:.2e} "
+                f"{'ok' if good else 'FAIL'}")
+    return ok
+
+
+def bench(b: int, ctx: int, budget_end: float) -> dict:
+    hkv, gq, d, g, r = 8, 4, 128, 32, 128
+    reps = 4
+    row = {"batch": b, "ctx": ctx}
+    qs = jax.random.normal(jax.random.key(b), (reps, b, hkv * gq, d), jnp.bfloat16)
+    dbytes = b * hkv * ctx * d * 2 * 2
+    k, v, lengths, _ = make_cache(jax.random.key(100), b, hkv, ctx, d, jnp.bfloat16)
+    t = time_jax(lambda q, k, v, ln: da.ragged_decode_attention(q, k, v, ln), qs,
+                 [(k, v, lengths)], reps)
+    row["dense"] = t * 1e6
+    log(f"batch {b} ctx {ctx}: dense kernel {t * 1e6:8.1f} us {dbytes / t / 1e9:6.0f} GB/s")
+    del k, v
+    arrs = random_quantized(jax.random.key(7), b, hkv, ctx - r, d, 4, g, r)
+    qbytes = qda.hbm_bytes(b, hkv, ctx - r, d, 4, g) + b * hkv * r * d * 2 * 2
+    packed = tuple(arrs[n] for n in QARGS)
+    ref = qda.reference(qs[0], *packed)
+    t = time_jax(lambda q, *a: qda.quantized_decode_attention(q, *a), qs, [packed], reps)
+    err = rel_err(qda.quantized_decode_attention(qs[0], *packed), ref)
+    row["triton_int4"] = t * 1e6
+    log(f"  triton int4 (default)        {t * 1e6:8.1f} us {qbytes / t / 1e9:6.0f} GB/s "
+        f"{row['dense'] / (t * 1e6):5.2f}x dense  err {err:.1e}")
+    k4, v4 = qm.repack_int4(arrs["k_codes"], arrs["v_codes"])
+    mg = (k4, arrs["k_scale"], arrs["k_zero"], v4, *(arrs[n] for n in QARGS[4:]))
+    for cfg in GRID:
+        if time.time() > budget_end:
+            log("  (budget spent)")
+            break
+        f = functools.partial(qm.quantized_decode_attention_mgpu, **cfg)
+        try:
+            t = time_jax(lambda q, *a, f=f: f(q, *a), qs, [mg], reps)
+        except Exception as e:  # noqa: BLE001 - one failing config must not stop the run
+            log(f"  mgpu {json.dumps(cfg)} FAILED {type(e).__name__}: {str(e)[:200]}")
+            continue
+        err = rel_err(f(qs[0], *mg), ref)
+        row["mgpu " + json.dumps(cfg)] = t * 1e6
+        log(f"  mgpu int4 {json.dumps(cfg):36s} {t * 1e6:8.1f} us {qbytes / t / 1e9:6.0f} GB/s "
+            f"{row['dense'] / (t * 1e6):5.2f}x dense  err {err:.1e}")
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "runs/quant_mgpu"))
+    ap.add_argument("--batches", default="8", help="comma-separated; empty: checks only")
+    ap.add_argument("--budget", type=float, default=200.0, help="seconds for the timings")
+    ap.add_argument("--no_check", action="store_true")
+    ap.add_argument("--lower", action="store_true", help="CPU: lower every check for CUDA")
+    args = ap.parse_args()
+    if args.lower:
+        for i, (b, h, gq, d, g, counts, r, splits) in enumerate(CHECKS):
+            _, _, mg = case(jax.random.key(i), b, h, gq, d, g, counts, r)
+            for cfg in CHECK_CONFIGS:
+                f = functools.partial(qm.quantized_decode_attention_mgpu, num_splits=splits,
+                                      **cfg)
+                jax.jit(f).trace(*mg).lower(lowering_platforms=("cuda",))
+            print("lowered", CHECKS[i])
+        for cfg in GRID:
+            _, _, mg = case(jax.random.key(0), 1, 2, 4, 128, 32, ((4096, 4000),), 128)
+            f = functools.partial(qm.quantized_decode_attention_mgpu, **cfg)
+            jax.jit(f).trace(*mg).lower(lowering_platforms=("cuda",))
+            print("lowered", cfg)
+        return
+    os.makedirs(args.out, exist_ok=True)
+    end = time.time() + args.budget
+    log(f"devices {jax.devices()} jax {jax.__version__}")
+    ok = True if args.no_check else checks()
+    rows = [bench(int(b), 32768, end) for b in args.batches.split(",") if b] if ok else []
+    with open(os.path.join(args.out, "quant_mgpu.json"), "w") as f:
+        json.dump({"checks_ok": ok, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "log.txt"), "a") as f:
+        f.write("\n".join(LOG) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""Decode attention over a KIVI int4 cache on Pallas Mosaic GPU (Hopper TMA + WGMMA), split-K.
+
+The quantized part is read as int4 codes, 16-bit scales and zero points and dequantized in
+registers (no bf16 copy of the cache is written); the full-precision residual window is a
+separate small jnp pass merged by log-sum-exp. One program per (row, KV head, split) streams
+steps of `block_tokens` tokens (one to four 64-token tiles sharing one online-softmax update)
+through a `num_stages`-deep shared-memory ring filled by TMA:
+
+  keys    S^T = K Q^T: the tile's [64, 64] code chunks are upcast to bf16 by Mosaic GPU
+          (`WGMMA_UPCAST_4X` load, relaid out to `WGMMA`), dequantized in registers
+          (`dequant`: (code + 8) * scale + zero on bf16 pairs, each thread gathering the scale
+          and zero of its own elements) and fed to WGMMA as the register A operand; the query
+          heads of the KV head are the N = 16 columns (zero padded).
+  softmax float32 online softmax per column (log2 domain); tokens >= num_quantized are masked.
+  values  O^T = V^T P: channel-major [64, 64] code chunks, dequantized the same way, times the
+          probabilities P [64 tokens, 16] stored to shared memory as the B operand, in four
+          K = 16 steps (a register A operand must be [64, swizzle / 2]).
+
+Layout (B batch, Hkv KV heads, C quantized capacity, D head dim, G token group, Gv channel
+group; Ng = C / G):
+  q               [B, Hq, D] bf16          Hq = Gq * Hkv, Gq <= 16
+  k4              int4[B, Hkv, C, D]        KIVI key code - 8 (signed), token-major
+  k_scale/k_zero  [B, Hkv, Ng, D] bf16      as `kvjax.quant.kivi`
+  v4              int4[B, Hkv, D, C]        KIVI value code - 8, channel-major
+  v_scale/v_zero  [B, Hkv, Ng, D // Gv, G] bf16  as `kvjax.quant.kivi`
+  num_quantized   int32[B, Hkv]             tokens [0, n) are valid
+  residual_keys/values [B, Hkv, R, D], num_residual int32[B, Hkv] (optional)
+`repack_int4` turns `kivi`'s packed uint32 codes (4 bits) into k4 / v4. Constraints: D a
+multiple of 64, C a multiple of block_tokens (64, 128 or 256), G in (16, 32, 64), Gv even.
+
+Backend: Mosaic GPU (sm_90) only. The interpreter of jax 0.10.2 cannot run register-A WGMMA or
+`inline_mgpu`, so on CPU the tests lower the kernel for CUDA and check the layout
+(`repack_int4` + `reference_mgpu_layout` equal `quantized_decode_attention.reference`); the
+kernel's numbers are checked on the GPU by `experiments/bench_quant_mgpu.py` against that
+reference (six shape families incl. ragged counts, empty heads, partial residuals, G = 16 / 32
+/ 64, 1 to 16 query heads per KV head: rel. L2 error 1.0e-3 to 1.6e-3, bf16).
+Measured on an H100 (2026-12-07, docs/benchmarks_quant.md), int4 at 8 x 32k: 255-256 us
+against 361-376 us for the bf16 dense kernel in the same runs (1.45-1.47x; the Triton int4
+kernel 0.87-0.92x). Not dispatched by `kvjax.attention`: `kivi` stores the packed layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, vector
+from jax.experimental.mosaic import gpu as mgpu
+
+from pallas_kernels.decode_attention import check_num_splits, merge_partials
+
+Array = jax.Array
+
+T = 64  # tokens per tile (the WGMMA M rows of the key product)
+N = 16  # query columns (query heads of a KV head, zero padded)
+NEG = -1e30
+_LOG2E = math.log2(math.e)
+GROUPS = (16, 32, 64)
+BLOCK_TOKENS = (64, 128, 256)
+_SWZ128 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+_SWZ_I4 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(32))  # UPCAST_4X loads
+
+
+def dequant(a: Array, scale_ref, zero_ref, index) -> Array:
+    """(a + 8) * scale + zero for a bf16[64, 64] WGMMA-layout array a (upcast signed codes).
+
+    index(row, col) -> the MLIR index list of element (row, col) in scale_ref / zero_ref (shared
+    memory, untiled): each thread loads the scale and zero pairs of its own element pairs
+    (columns col, col + 1 must be adjacent in the refs' last dimension) and applies them with
+    bf16x2 arithmetic. No Pallas-level op gathers per element, hence `plgpu.inline_mgpu`.
+    """
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(), plgpu.RefType()),
+        return_type=plgpu.ShapeDtypeStruct((64, 64), jnp.bfloat16, layout=plgpu.Layout.WGMMA))
+    def f(ctx, a, s_ref, z_ref):
+        del ctx
+        layout, shape = mgpu.WGMMA_LAYOUT, (64, 64)
+        vty = ir.VectorType.get((2,), ir.BF16Type.get())
+        eight = arith.constant(vty, ir.DenseElementsAttr.get_splat(
+            vty, ir.FloatAttr.get(ir.BF16Type.get(), 8.0)))
+        regs = np.empty(layout.registers_shape(shape), dtype=object)
+        for reg_idx, (row, col) in zip(np.ndindex(regs.shape), layout.thread_idxs(shape)):
+            idx = index(row, col)
+            s = vector.load(vty, s_ref, idx)
+            z = vector.load(vty, z_ref, idx)
+            regs[reg_idx] = arith.addf(arith.mulf(arith.addf(a.registers[reg_idx], eight), s), z)
+        return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
+
+    return f(a, scale_ref, zero_ref)
+
+
+def _c(v: int):
+    return arith.constant(ir.IndexType.get(), v)
+
+
+def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m_ref, l_ref,
+            q_smem, k_smem, ks_smem, kz_smem, v_smem, vs_smem, vz_smem, p_smem, o_smem,
+            m_smem, l_smem, q_bar, k_bar, v_bar, *, stages, splits, scale, group, vgroup,
+            block_tokens):
+    b = lax.axis_index("b")
+    h = lax.axis_index("h")
+    s = lax.axis_index("s")
+    d = k_ref.shape[3]
+    bt = block_tokens  # tokens per step: bt // T tiles of T share one online-softmax update
+    nt = bt // T
+    gps = bt // group  # scale rows per step (group <= T <= bt)
+    length = n_ref[b, h]
+    nblk = (length + bt - 1) // bt
+    per = (nblk + splits - 1) // splits
+    lo = jnp.minimum(s * per, nblk)
+    n = jnp.minimum(lo + per, nblk) - lo
+
+    def fetch(i, slot):
+        t0 = (lo + i) * bt
+        rows = pl.ds(t0, bt)
+        grp = pl.ds(t0 // group, gps)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, h, rows], k_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(ks_ref.at[b, h, grp], ks_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(kz_ref.at[b, h, grp], kz_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, h, :, rows], v_smem.at[slot], v_bar.at[slot])
+        plgpu.copy_gmem_to_smem(vs_ref.at[b, h, grp], vs_smem.at[slot], v_bar.at[slot])
+        plgpu.copy_gmem_to_smem(vz_ref.at[b, h, grp], vz_smem.at[slot], v_bar.at[slot])
+
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar.at[0])
+    for i in range(stages):
+        pl.when(i < n)(functools.partial(fetch, i, i))
+    plgpu.barrier_wait(q_bar.at[0])
+    wg = plgpu.Layout.WGMMA
+    col_layout = wg.reduce(0)
+    m = plgpu.layout_cast(jnp.full((N,), NEG, jnp.float32), col_layout)
+    # the softmax denominator as per-element partial sums, reduced over the tokens once at the
+    # end (a cross-warp reduction per step fewer: 1.10x at 8 x 32k, docs/benchmarks_quant.md)
+    den = plgpu.layout_cast(jnp.zeros((T, N), jnp.float32), wg)
+    accs = tuple(plgpu.layout_cast(jnp.zeros((64, N), jnp.float32), wg) for _ in range(d // 64))
+    c = scale * _LOG2E
+
+    def codes(ref):  # [64, 64] int4 smem slice -> bf16 WGMMA registers (signed codes)
+        a = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+        return plgpu.layout_cast(a, wg).astype(jnp.bfloat16)
+
+    def step(i, carry):
+        m, den, accs = carry
+        slot = lax.rem(i, stages)
+        t0 = (lo + i) * bt
+        plgpu.barrier_wait(k_bar.at[slot])
+        scs = []
+        for j in range(nt):  # keys: row = token (tile j), col = channel; scale [token // G, ch]
+
+            def qk(acc_ref, j=j):
+                for ch in range(d // 64):
+                    def kidx(row, col, ch=ch, j=j):
+                        return [arith.divui(arith.addi(row, _c(j * T)), _c(group)),
+                                arith.addi(col, _c(ch * 64))]
+
+                    a = dequant(codes(k_smem.at[slot, pl.ds(j * T, T), pl.ds(ch * 64, 64)]),
+                                ks_smem.at[slot], kz_smem.at[slot], kidx)
+                    plgpu.wgmma(acc_ref, a, q_smem.at[:, pl.ds(ch * 64, 64)].T)
+                return acc_ref[...]
+
+            sc = pl.run_scoped(qk, plgpu.ACC((T, N), jnp.float32))
+            tok = plgpu.broadcasted_iota(jnp.int32, (T, N), 0, layout=wg)
+            scs.append(jnp.where(tok < length - t0 - j * T, sc * c, -jnp.inf))
+        peak = functools.reduce(jnp.maximum, scs)
+        m_new = jnp.maximum(m, peak.max(axis=0))
+        alpha = jnp.exp2(m - m_new)
+        ps = [jnp.exp2(sc - lax.broadcast_in_dim(m_new, sc.shape, [1])) for sc in scs]
+        den = den * lax.broadcast_in_dim(alpha, den.shape, [1]) + functools.reduce(jnp.add, ps)
+        for j, p in enumerate(ps):
+            p_smem[pl.ds(j * T, T)] = p.astype(jnp.bfloat16)
+        plgpu.commit_smem()
+        plgpu.barrier_wait(v_bar.at[slot])
+        new = []
+        for ch, acc in enumerate(accs):
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+
+            def pv(acc_ref, ch=ch):
+                for j in range(nt):  # values: row = channel, col = token of tile j
+
+                    def vidx(row, col, ch=ch, j=j):
+                        tok = arith.addi(col, _c(j * T))
+                        return [arith.divui(tok, _c(group)),
+                                arith.divui(arith.addi(row, _c(ch * 64)), _c(vgroup)),
+                                arith.remui(tok, _c(group))]
+
+                    a = dequant(codes(v_smem.at[slot, pl.ds(ch * 64, 64), pl.ds(j * T, T)]),
+                                vs_smem.at[slot], vz_smem.at[slot], vidx)
+                    for kk in range(T // 16):
+                        plgpu.wgmma(acc_ref, a[:, kk * 16:(kk + 1) * 16],
+                                    p_smem.at[pl.ds(j * T + kk * 16, 16)])
+
+            new.append(pl.run_state(pv)(plgpu.ACC.init(acc)))
+        pl.when(i + stages < n)(lambda: fetch(i + stages, slot))
+        return m_new, den, tuple(new)
+
+    m, den, accs = lax.fori_loop(0, n, step, (m, den, accs))
+    for ch, acc in enumerate(accs):
+        o_smem[pl.ds(ch * 64, 64)] = acc
+    m_smem[...] = m * (1.0 / _LOG2E)
+    l_smem[...] = den.sum(axis=0)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, s])
+    plgpu.copy_smem_to_gmem(m_smem, m_ref.at[b, h, s])
+    plgpu.copy_smem_to_gmem(l_smem, l_ref.at[b, h, s])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_splits,
+           num_stages, block_tokens) -> tuple[int, int]:
+    """Raises for inputs this kernel does not take; returns (G, Gv)."""
+    if q.ndim != 3 or q.dtype != jnp.bfloat16:
+        raise ValueError(f"q must be bf16[batch, query_heads, head_dim], got {q.dtype}{q.shape}")
+    b, hq, d = q.shape
+    if k4.ndim != 4 or k4.dtype != jnp.int4 or k4.shape[0] != b or k4.shape[3] != d:
+        raise ValueError(f"k4 must be int4[{b}, Hkv, C, {d}], got {k4.dtype}{k4.shape}")
+    _, hkv, cap, _ = k4.shape
+    if v4.shape != (b, hkv, d, cap) or v4.dtype != jnp.int4:
+        raise ValueError(f"v4 must be int4{(b, hkv, d, cap)}, got {v4.dtype}{v4.shape}")
+    if hq % hkv or hq // hkv > N:
+        raise ValueError(f"query heads per KV head must divide evenly and be <= {N}, got "
+                         f"{hq} / {hkv}")
+    if d % 64:
+        raise ValueError(f"head_dim must be a multiple of 64, got {d}")
+    ng = k_scale.shape[2] if k_scale.ndim == 4 else 0
+    if ng == 0 or cap % ng or cap // ng not in GROUPS:
+        raise ValueError(f"k_scale must be [B, Hkv, C / G, D] with G in {GROUPS}, got "
+                         f"{k_scale.shape} for C = {cap}")
+    g = cap // ng
+    if k_scale.shape != (b, hkv, ng, d) or k_zero.shape != k_scale.shape:
+        raise ValueError(f"k_scale and k_zero must be {(b, hkv, ng, d)}, got {k_scale.shape} "
+                         f"and {k_zero.shape}")
+    if v_scale.ndim != 5 or v_scale.shape[:3] != (b, hkv, ng) or v_scale.shape[4] != g or (
+            d % v_scale.shape[3]) or v_zero.shape != v_scale.shape:
+        raise ValueError(f"v_scale and v_zero must be [{b}, {hkv}, {ng}, D / Gv, {g}], got "
+                         f"{v_scale.shape} and {v_zero.shape}")
+    vg = d // v_scale.shape[3]
+    if vg % 2:
+        raise ValueError(f"the value channel group must be even, got {vg}")
+    for name, x in (("k_scale", k_scale), ("k_zero", k_zero), ("v_scale", v_scale),
+                    ("v_zero", v_zero)):
+        if x.dtype != jnp.bfloat16:
+            raise ValueError(f"{name} must be bf16, got {x.dtype}")
+    if num_quantized.shape != (b, hkv):
+        raise ValueError(f"num_quantized must be [{b}, {hkv}], got {num_quantized.shape}")
+    check_num_splits(num_splits)
+    if block_tokens not in BLOCK_TOKENS:
+        raise ValueError(f"block_tokens must be one of {BLOCK_TOKENS}, got {block_tokens!r}")
+    if cap % block_tokens:
+        raise ValueError(f"the capacity ({cap}) must be a multiple of block_tokens "
+                         f"({block_tokens})")
+    if not isinstance(num_stages, int) or num_stages < 1:
+        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
+    return g, vg
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "num_splits", "num_stages",
+                                             "block_tokens"))
+def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, *, scale,
+              num_splits, num_stages, block_tokens):
+    b, hq, d = q.shape
+    hkv, cap = k4.shape[1], k4.shape[2]
+    g, vg = cap // k_scale.shape[2], d // v_scale.shape[3]
+    gq = hq // hkv
+    qg = jnp.pad(q.reshape(b, hkv, gq, d), ((0, 0), (0, 0), (0, N - gq), (0, 0)))
+    bt = block_tokens
+    gps = bt // g
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    kernel = functools.partial(_kernel, stages=num_stages, splits=num_splits, scale=scale,
+                               group=g, vgroup=vg, block_tokens=bt)
+    st = num_stages
+    o, m, den = plgpu.kernel(
+        kernel,
+        out_type=[jax.ShapeDtypeStruct((b, hkv, num_splits, d, N), f32),
+                  jax.ShapeDtypeStruct((b, hkv, num_splits, N), f32),
+                  jax.ShapeDtypeStruct((b, hkv, num_splits, N), f32)],
+        scratch_types=[
+            plgpu.SMEM((N, d), bf16, transforms=_SWZ128),
+            plgpu.SMEM((st, bt, d), jnp.int4, transforms=_SWZ_I4),
+            plgpu.SMEM((st, gps, d), bf16), plgpu.SMEM((st, gps, d), bf16),
+            plgpu.SMEM((st, d, bt), jnp.int4, transforms=_SWZ_I4),
+            plgpu.SMEM((st, gps, d // vg, g), bf16), plgpu.SMEM((st, gps, d // vg, g), bf16),
+            plgpu.SMEM((bt, N), bf16, transforms=(plgpu.TilingTransform((8, N)),
+                                                 plgpu.SwizzleTransform(2 * N))),
+            plgpu.SMEM((d, N), f32), plgpu.SMEM((N,), f32), plgpu.SMEM((N,), f32),
+            plgpu.Barrier(num_barriers=1),
+            plgpu.Barrier(num_arrivals=3, num_barriers=st),
+            plgpu.Barrier(num_arrivals=3, num_barriers=st),
+        ],
+        grid=(b, hkv, num_splits),
+        grid_names=("b", "h", "s"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(qg, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized.astype(jnp.int32))
+    o = jnp.swapaxes(o, 3, 4)[:, :, :, :gq]  # [B, Hkv, S, Gq, D]
+    return o, m[:, :, :, :gq], den[:, :, :, :gq]
+
+
+def residual_partials(q: Array, residual_keys: Array, residual_values: Array,
+                      num_residual: Array, scale: float) -> tuple[Array, Array, Array]:
+    """(o [B, Hkv, 1, Gq, D], m, l [B, Hkv, 1, Gq]) of the residual window, float32, jnp."""
+    b, hq, d = q.shape
+    hkv, r = residual_keys.shape[1], residual_keys.shape[2]
+    qg = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
+    sc = jnp.einsum("bhgd,bhrd->bhgr", qg, residual_keys.astype(jnp.float32)) * scale
+    valid = jnp.arange(r)[None, None, None, :] < num_residual[:, :, None, None]
+    sc = jnp.where(valid, sc, -jnp.inf)
+    m = jnp.maximum(sc.max(axis=-1), NEG)
+    p = jnp.exp(sc - m[..., None])
+    o = jnp.einsum("bhgr,bhrd->bhgd", p, residual_values.astype(jnp.float32))
+    return o[:, :, None], m[:, :, None], p.sum(axis=-1)[:, :, None]
+
+
+def quantized_decode_attention_mgpu(
+    q: Array,
+    k4: Array, k_scale: Array, k_zero: Array,
+    v4: Array, v_scale: Array, v_zero: Array,
+    num_quantized: Array,
+    residual_keys: Array | None = None,
+    residual_values: Array | None = None,
+    num_residual: Array | None = None,
+    *,
+    scale: float | None = None,
+    num_splits: int = 16,
+    num_stages: int = 2,
+    block_tokens: int = 256,
+) -> Array:
+    """[B, Hq, D] decode attention over an int4 cache in the layout of the module doc.
+
+    Raises ValueError before launching for shapes, dtypes and launch parameters it does not
+    take (each message names the argument and what it accepts).
+
+    num_splits: split-K pieces per (row, KV head) (whole steps each; empty splits are cheap).
+    num_stages: depth of the shared-memory ring (steps in flight).
+    block_tokens: tokens per online-softmax step and ring slot (64, 128 or 256: one, two or
+      four 64-token tiles); must divide the capacity (kivi's 4-bit capacity is a multiple of
+      256).
+    Defaults: the fastest measured at 8 x 32k on an H100 (docs/benchmarks_quant.md).
+    """
+    _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_splits, num_stages,
+           block_tokens)
+    if (residual_keys is None) != (residual_values is None) or (
+            (residual_keys is None) != (num_residual is None)):
+        raise ValueError("residual_keys, residual_values and num_residual go together")
+    if residual_keys is not None:
+        b, hkv = num_quantized.shape
+        expect = (b, hkv, residual_keys.shape[2], q.shape[2])
+        if residual_keys.shape != expect or residual_values.shape != expect:
+            raise ValueError(f"residual keys/values must have shape {expect}, got "
+                             f"{residual_keys.shape} and {residual_values.shape}")
+        if num_residual.shape != (b, hkv):
+            raise ValueError(f"num_residual must be [{b}, {hkv}], got {num_residual.shape}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    o, m, den = _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized,
+                          scale=scale, num_splits=num_splits, num_stages=num_stages,
+                          block_tokens=block_tokens)
+    if residual_keys is not None:
+        ro, rm, rl = residual_partials(q, residual_keys, residual_values, num_residual, scale)
+        o, m, den = (jnp.concatenate(x, axis=2) for x in ((o, ro), (m, rm), (den, rl)))
+    return merge_partials(o, m, den).reshape(q.shape).astype(q.dtype)
+
+
+def repack_int4(k_codes: Array, v_codes: Array) -> tuple[Array, Array]:
+    """`kivi`'s packed 4-bit codes (uint32[B, H, Nb, G, D]) -> (k4 int4[B, H, C, D],
+    v4 int4[B, H, D, C]) signed (code - 8), C = Nb * 8 * G tokens in order."""
+    from kvjax.quant import packing  # noqa: PLC0415 - kvjax imports pallas_kernels
+
+    def tokens(words):  # [B, H, C, D] codes in token order, as int32
+        c = packing.unpack(words, 4)  # [B, H, Ng, G, D]
+        return c.reshape(c.shape[0], c.shape[1], -1, c.shape[-1]).astype(jnp.int32)
+
+    k = tokens(k_codes) - 8
+    v = tokens(v_codes) - 8
+    return k.astype(jnp.int4), jnp.swapaxes(v, 2, 3).astype(jnp.int4)
+
+
+def reference_mgpu_layout(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized,
+                          residual_keys=None, residual_values=None, num_residual=None, *,
+                          scale=None) -> Array:
+    """Plain jnp over the k4 / v4 layout: dequantize (code + 8) * scale + zero in float32,
+    mask by counts, float32 softmax (the kernel rounds dequantized values to bf16)."""
+    b, hkv, cap, d = k4.shape
+    g = cap // k_scale.shape[2]
+    kc = k4.astype(jnp.float32) + 8
+    keys = kc * jnp.repeat(k_scale, g, axis=2).astype(jnp.float32) + jnp.repeat(
+        k_zero, g, axis=2).astype(jnp.float32)
+    vg = d // v_scale.shape[3]
+
+    def per_token(x):  # [B, H, Ng, D / Gv, G] -> [B, H, C, D]
+        x = jnp.swapaxes(x, 3, 4).reshape(b, hkv, cap, d // vg)
+        return jnp.repeat(x, vg, axis=3).astype(jnp.float32)
+
+    values = (jnp.swapaxes(v4, 2, 3).astype(jnp.float32) + 8) * per_token(v_scale) + per_token(
+        v_zero)
+    scale = d**-0.5 if scale is None else scale
+    hq = q.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
+    sc = jnp.einsum("bhgd,bhcd->bhgc", qg, keys, precision="highest") * scale
+    valid = jnp.arange(cap)[None, None, None, :] < num_quantized[:, :, None, None]
+    sc = jnp.where(valid, sc, -jnp.inf)
+    m = jnp.maximum(sc.max(axis=-1), NEG)
+    p = jnp.exp(sc - m[..., None])
+    o = jnp.einsum("bhgc,bhcd->bhgd", p, values, precision="highest")[:, :, None]
+    m, den = m[:, :, None], p.sum(axis=-1)[:, :, None]
+    if residual_keys is not None:
+        ro, rm, rl = residual_partials(q, residual_keys, residual_values, num_residual, scale)
+        o, m, den = (jnp.concatenate(x, axis=2) for x in ((o, ro), (m, rm), (den, rl)))
+    return merge_partials(o, m, den).reshape(q.shape).astype(q.dtype)

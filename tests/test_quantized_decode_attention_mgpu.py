@@ -1,0 +1,113 @@
+"""Mosaic GPU int4 KIVI decode kernel: layout, reference, argument checks, lowering on CPU.
+
+The Mosaic GPU interpreter of jax 0.10.2 cannot run register-A WGMMA or `inline_mgpu`, so the
+kernel's numbers are checked on the GPU (`experiments/bench_quant_mgpu.py` compares it with
+`quantized_decode_attention.reference` on ragged counts, partial residuals and every group size;
+docs/benchmarks_quant.md). Here: `repack_int4` + `reference_mgpu_layout` equal the packed
+reference (so the layout the kernel reads is the cache's), and every shape family lowers through
+the whole Pallas -> Mosaic GPU pipeline (shape, layout and shared-memory errors surface there).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import bench_quant_mgpu as bqm
+from experiments.bench_quant import QARGS
+from pallas_kernels import quantized_decode_attention as qda
+from pallas_kernels import quantized_decode_attention_mgpu as qm
+
+
+@pytest.mark.parametrize("i", range(len(bqm.CHECKS)))
+def test_repacked_reference_equals_packed_reference(i):
+    b, h, gq, d, g, counts, r, _ = bqm.CHECKS[i]
+    q, arrs, mg = bqm.case(jax.random.key(i), b, h, gq, d, g, counts, r)
+    want = qda.reference(q, *(arrs[k] for k in QARGS)).astype(jnp.float32)
+    got = qm.reference_mgpu_layout(*mg).astype(jnp.float32)
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+    assert float(jnp.abs(got - want).max()) < 2e-2
+
+
+def test_repack_int4_codes():
+    """Token t, channel c of the packed cache is k4[..., t, c] + 8 and v4[..., c, t] + 8."""
+    from kvjax.quant import packing
+
+    codes = jax.random.randint(jax.random.key(0), (1, 2, 16, 32, 64), 0, 16, jnp.int32)
+    words = packing.pack(codes.astype(jnp.uint32), 4)
+    k4, v4 = qm.repack_int4(words, words)
+    flat = codes.reshape(1, 2, 16 * 32, 64)
+    np.testing.assert_array_equal(k4.astype(jnp.int32) + 8, flat)
+    np.testing.assert_array_equal(v4.astype(jnp.int32) + 8, jnp.swapaxes(flat, 2, 3))
+
+
+def test_residual_partials_merge_to_softmax():
+    q = jax.random.normal(jax.random.key(1), (2, 4, 64), jnp.float32)
+    k = jax.random.normal(jax.random.key(2), (2, 2, 8, 64), jnp.float32)
+    v = jax.random.normal(jax.random.key(3), (2, 2, 8, 64), jnp.float32)
+    n = jnp.array([[8, 3], [0, 1]], jnp.int32)
+    o, m, den = qm.residual_partials(q, k, v, n, 0.125)
+    out = jnp.where(den[:, :, 0, :, None] > 0, o[:, :, 0] / jnp.maximum(den[:, :, 0, :, None],
+                                                                       1e-30), 0.0)
+    for bi in range(2):
+        for hi in range(2):
+            for gi in range(2):
+                nn = int(n[bi, hi])
+                if nn == 0:
+                    np.testing.assert_array_equal(out[bi, hi, gi], 0.0)
+                    continue
+                p = jax.nn.softmax(k[bi, hi, :nn] @ q[bi, 2 * hi + gi] * 0.125)
+                np.testing.assert_allclose(out[bi, hi, gi], p @ v[bi, hi, :nn], rtol=1e-5,
+                                           atol=1e-5)
+
+
+@pytest.mark.parametrize("i", range(len(bqm.CHECKS)))
+def test_lowers_for_cuda(i):
+    b, h, gq, d, g, counts, r, splits = bqm.CHECKS[i]
+    _, _, mg = bqm.case(jax.random.key(i), b, h, gq, d, g, counts, r)
+    specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in mg]
+    for cfg in bqm.CHECK_CONFIGS:
+        f = functools.partial(qm.quantized_decode_attention_mgpu, num_splits=splits, **cfg)
+        text = jax.jit(f).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text
+
+
+def test_rejects_bad_input():
+    _, _, mg = bqm.case(jax.random.key(0), 1, 2, 4, 128, 32, ((256, 100),), 8)
+    q, k4, ks, kz, v4, vs, vz, n, rk, rv, rn = mg
+    f = qm.quantized_decode_attention_mgpu
+    with pytest.raises(ValueError, match="q must be bf16"):
+        f(q.astype(jnp.float32), *mg[1:8])
+    with pytest.raises(ValueError, match="k4 must be int4"):
+        f(q, k4.astype(jnp.int8), *mg[2:8])
+    with pytest.raises(ValueError, match="v4 must be int4"):
+        f(q, k4, ks, kz, jnp.swapaxes(v4, 2, 3), vs, vz, n)
+    with pytest.raises(ValueError, match="<= 16"):
+        f(jnp.zeros((1, 34, 128), jnp.bfloat16), *mg[1:8])
+    with pytest.raises(ValueError, match="G in"):
+        f(q, k4, ks[:, :, :3], kz[:, :, :3], v4, vs, vz, n)
+    with pytest.raises(ValueError, match="k_scale and k_zero"):
+        f(q, k4, ks, kz[..., :64], v4, vs, vz, n)
+    with pytest.raises(ValueError, match="v_scale and v_zero"):
+        f(q, k4, ks, kz, v4, vs[..., :16], vz, n)
+    with pytest.raises(ValueError, match="v_zero must be bf16"):
+        f(q, k4, ks, kz, v4, vs, vz.astype(jnp.float32), n)
+    with pytest.raises(ValueError, match="num_quantized"):
+        f(q, k4, ks, kz, v4, vs, vz, n[:, :1])
+    with pytest.raises(ValueError, match="block_tokens must be one of"):
+        f(*mg[:8], block_tokens=96)
+    with pytest.raises(ValueError, match="multiple of block_tokens"):  # capacity 192
+        f(q, k4[:, :, :192], ks[:, :, :6], kz[:, :, :6], v4[..., :192], vs[:, :, :6],
+          vz[:, :, :6], n, block_tokens=128)
+    with pytest.raises(ValueError, match="num_splits"):
+        f(*mg[:8], num_splits=0)
+    with pytest.raises(ValueError, match="num_stages"):
+        f(*mg[:8], num_stages=0)
+    with pytest.raises(ValueError, match="together"):
+        f(*mg[:8], rk)
+    with pytest.raises(ValueError, match="residual keys/values must have shape"):
+        f(*mg[:8], rk[:, :1], rv[:, :1], rn)
+    with pytest.raises(ValueError, match="num_residual must be"):
+        f(*mg[:8], rk, rv, rn[:1, :1])
