@@ -9,7 +9,9 @@ int4 byte rate? Keys: tokens as the 64 M rows, S^T = K Q^T with N = 16 query col
 Each program streams its split of one head with a float32 online softmax per column, so no
 work can be skipped; the bf16 variant runs the same kernel on bf16 tiles (4x the bytes), and
 `zeros=True` adds the ones x P product that would carry value zero points. No scales here:
-codes are the values (the planned fold of scales into B is `expand_scaled` below).
+codes are the values (the planned fold of scales into B is `expand_scaled` below). Answered on
+an H100 (2026-12-07, docs/benchmarks_quant.md): int4 attention 2.38x the bf16 variant, so the
+kernel was built (pallas_kernels/quantized_decode_attention_mgpu.py).
 
 Layouts: q8 bf16[B, H, N, D] (query heads of a KV head, padded to N rows), keys int4 or
 bf16[B, H, C, D] (token-major), values_t the same dtype [B, H, Dv, C] (channel-major).
