@@ -35,9 +35,11 @@ from pallas_kernels import quantized_decode_attention_mgpu as qm  # noqa: E402
 
 LOG: list[str] = []
 GRID = ({},  # the defaults: 16 splits, 2 stages, 256-token steps
-        {"block_tokens": 128}, {"block_tokens": 64}, {"num_splits": 8}, {"num_splits": 32},
-        {"block_tokens": 128, "num_stages": 3}, {"block_tokens": 64, "num_stages": 4})
-CHECK_CONFIGS = ({}, {"num_stages": 3, "block_tokens": 128}, {"block_tokens": 64})
+        {"hoist_index": True}, {"block_tokens": 128, "hoist_index": True},
+        {"block_tokens": 128}, {"num_splits": 8}, {"num_splits": 8, "hoist_index": True},
+        {"block_tokens": 64}, {"num_splits": 32})
+CHECK_CONFIGS = ({}, {"num_stages": 3, "block_tokens": 128, "hoist_index": True},
+                 {"block_tokens": 64, "hoist_index": True})
 # (batch, kv heads, query heads per kv head, head dim, G, tokens per head, residual, splits)
 CHECKS = ((2, 2, 4, 128, 32, ((1000, 37), (64, 0)), 50, 4),
           (1, 3, 8, 128, 64, ((2048, 1999, 5),), 128, 8),

@@ -16,7 +16,7 @@ restricts the set (`torch`: PyTorch SDPA on the same buffers; `dense_nopos`: the
 masking by lengths only), `--batch` sets the batch; `--cpu` runs it at tiny shapes in interpret
 mode (smoke test). `proto_int4` / `proto_int4k` / `proto_bf16` (GPU only): the Mosaic GPU
 probe of experiments/proto_mgpu_int4.py (int4 keys + values, int4 keys only, bf16 keys +
-values; 16 splits, 2 stages); `int4_mgpu`, `int4_mgpu_b64` (GPU only): the
+values; 16 splits, 2 stages); `int4_mgpu`, `int4_mgpu_b64`, `int4_mgpu_hoist` (GPU only): the
 Mosaic GPU int4 KIVI kernel (pallas_kernels/quantized_decode_attention_mgpu.py) with the
 options of `MGPU_VARIANTS`. `--repeat N` calls each case N times in the range, so that
 `nsys profile --capture-range=cudaProfilerApi` then `nsys stats -r cuda_gpu_kern_sum` gives
@@ -49,6 +49,7 @@ from pallas_kernels import quantized_decode_attention as qda  # noqa: E402
 MGPU_VARIANTS = {  # int4_mgpu{name}: quantized_decode_attention_mgpu keyword arguments
     "": {},
     "_b64": dict(block_tokens=64),
+    "_hoist": dict(hoist_index=True),
 }
 
 
