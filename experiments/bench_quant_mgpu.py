@@ -35,11 +35,13 @@ from pallas_kernels import quantized_decode_attention_mgpu as qm  # noqa: E402
 
 LOG: list[str] = []
 GRID = ({},  # the defaults: 16 splits, 2 stages, 256-token steps
-        {"hoist_index": True}, {"block_tokens": 128, "hoist_index": True},
-        {"block_tokens": 128}, {"num_splits": 8}, {"num_splits": 8, "hoist_index": True},
-        {"block_tokens": 64}, {"num_splits": 32})
+        {"hoist_index": True}, {"fold_keys": True}, {"fold_keys": True, "hoist_index": True},
+        {"block_tokens": 128, "fold_keys": True, "hoist_index": True},
+        {"block_tokens": 128, "hoist_index": True}, {"num_splits": 8, "hoist_index": True},
+        {"block_tokens": 128}, {"num_splits": 8}, {"block_tokens": 64}, {"num_splits": 32})
 CHECK_CONFIGS = ({}, {"num_stages": 3, "block_tokens": 128, "hoist_index": True},
-                 {"block_tokens": 64, "hoist_index": True})
+                 {"block_tokens": 64, "hoist_index": True}, {"fold_keys": True},
+                 {"fold_keys": True, "hoist_index": True, "block_tokens": 128})
 # (batch, kv heads, query heads per kv head, head dim, G, tokens per head, residual, splits)
 CHECKS = ((2, 2, 4, 128, 32, ((1000, 37), (64, 0)), 50, 4),
           (1, 3, 8, 128, 64, ((2048, 1999, 5),), 128, 8),
@@ -67,13 +69,24 @@ def case(key, b, h, gq, d, g, counts, r, cap=None):
     return q, arrs, mg
 
 
+def check_configs(i: int, g: int, gq: int) -> list[dict]:
+    """Launch configs checked on CHECKS[i]: all on the first case, then one each in turn plus
+    `fold_keys` where its column budget allows ((64 / G) x Gq <= 16)."""
+    if i == 0:
+        return list(CHECK_CONFIGS)
+    out = [CHECK_CONFIGS[i % 3]]
+    if (qm.T // g) * gq <= qm.N:
+        out.append({"fold_keys": True})
+    return out
+
+
 def checks() -> bool:
     ok = True
     for i, (b, h, gq, d, g, counts, r, splits) in enumerate(CHECKS):
         q, arrs, mg = case(jax.random.key(10 + i), b, h, gq, d, g, counts, r)
         cap = mg[1].shape[2]
         ref = qda.reference(q, *(arrs[k] for k in QARGS))
-        for cfg in CHECK_CONFIGS if i == 0 else CHECK_CONFIGS[i % 3:i % 3 + 1]:
+        for cfg in check_configs(i, g, gq):
             out = qm.quantized_decode_attention_mgpu(*mg, num_splits=splits, **cfg)
             err = rel_err(out, ref)
             good = err < 1e-2 and bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
@@ -135,7 +148,7 @@ def main() -> None:
     if args.lower:
         for i, (b, h, gq, d, g, counts, r, splits) in enumerate(CHECKS):
             _, _, mg = case(jax.random.key(i), b, h, gq, d, g, counts, r)
-            for cfg in CHECK_CONFIGS:
+            for cfg in check_configs(i, g, gq):
                 f = functools.partial(qm.quantized_decode_attention_mgpu, num_splits=splits,
                                       **cfg)
                 jax.jit(f).trace(*mg).lower(lowering_platforms=("cuda",))

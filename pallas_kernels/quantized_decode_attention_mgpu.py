@@ -11,6 +11,8 @@ through a `num_stages`-deep shared-memory ring filled by TMA:
           (`dequant`: (code + 8) * scale + zero on bf16 pairs, each thread gathering the scale
           and zero of its own elements) and fed to WGMMA as the register A operand; the query
           heads of the KV head are the N = 16 columns (zero padded).
+          With `fold_keys` the key scales and zero points are folded into the query operand
+          once per step instead (`fold_key_scales`) and the codes enter WGMMA as upcast.
   softmax float32 online softmax per column (log2 domain); tokens >= num_quantized are masked.
   values  O^T = V^T P: channel-major [64, 64] code chunks, dequantized the same way, times the
           probabilities P [64 tokens, 16] stored to shared memory as the B operand, in four
@@ -135,14 +137,65 @@ def dequant(a: Array, scale_ref, zero_ref, index, hoisted=None) -> Array:
     return f(a, scale_ref, zero_ref)
 
 
+def fold_key_scales(q_ref, scale_ref, zero_ref, gq: int, groups_per_tile: int
+                    ) -> tuple[Array, Array]:
+    """(Q', Z') bf16[64, D] in WGMMA layout: the key scales and zero points of one step folded
+    into the query operand, so that the key codes enter WGMMA as they are (`fold_keys`).
+
+    Row 16 j + c of both (tile j of the step, score column c = l * gq + h, l < groups_per_tile)
+    belongs to query head h and key group j * groups_per_tile + l of the step:
+        Q'[16 j + c] = q[h] * scale[g],   Z'[16 j + c] = q[h] * (zero[g] + 8 * scale[g])
+    (float32 products rounded once), zero for c >= groups_per_tile * gq. Then for a token t of
+    group g, sum_ch code[t] Q'[ch] + sum_ch Z'[ch] = q[h] . ((code + 8) * scale + zero): the
+    score of column c, valid for the tokens of its own group only (the kernel masks the rest).
+    q_ref [16, D], scale_ref / zero_ref [G_step, D]: untiled shared memory.
+    """
+
+    d = q_ref.shape[1]
+    ret = plgpu.ShapeDtypeStruct((64, d), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType()),
+                       return_type=(ret, ret))
+    def f(ctx, q_ref, s_ref, z_ref):
+        del ctx
+        layout, shape = mgpu.WGMMA_LAYOUT, (64, d)
+        bf2 = ir.VectorType.get((2,), ir.BF16Type.get())
+        f2 = ir.VectorType.get((2,), ir.F32Type.get())
+        eight = arith.constant(f2, ir.DenseElementsAttr.get_splat(
+            f2, ir.FloatAttr.get(ir.F32Type.get(), 8.0)))
+        zeros = arith.constant(bf2, ir.DenseElementsAttr.get_splat(
+            bf2, ir.FloatAttr.get(ir.BF16Type.get(), 0.0)))
+        nrows = ir.MemRefType(s_ref.type).shape[0]
+        qs = np.empty(layout.registers_shape(shape), dtype=object)
+        zs = np.empty(layout.registers_shape(shape), dtype=object)
+        for reg_idx, (row, col) in zip(np.ndindex(qs.shape), layout.thread_idxs(shape)):
+            c = arith.remui(row, _c(16))
+            lg = arith.divui(c, _c(gq))
+            head = arith.remui(c, _c(gq))
+            g = arith.addi(arith.muli(arith.divui(row, _c(16)), _c(groups_per_tile)), lg)
+            g = arith.minui(g, _c(nrows - 1))
+            ok = arith.cmpi(arith.CmpIPredicate.ult, lg, _c(groups_per_tile))
+            qv = arith.extf(f2, vector.load(bf2, q_ref, [head, col]))
+            sv = arith.extf(f2, vector.load(bf2, s_ref, [g, col]))
+            zv = arith.extf(f2, vector.load(bf2, z_ref, [g, col]))
+            qp = arith.truncf(bf2, arith.mulf(qv, sv))
+            zp = arith.truncf(bf2, arith.mulf(qv, arith.addf(zv, arith.mulf(sv, eight))))
+            qs[reg_idx] = arith.select(ok, qp, zeros)
+            zs[reg_idx] = arith.select(ok, zp, zeros)
+        return (mgpu.FragmentedArray(_registers=qs, _layout=layout, _is_signed=None),
+                mgpu.FragmentedArray(_registers=zs, _layout=layout, _is_signed=None))
+
+    return f(q_ref, scale_ref, zero_ref)
+
+
 def _c(v: int):
     return arith.constant(ir.IndexType.get(), v)
 
 
 def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m_ref, l_ref,
             q_smem, k_smem, ks_smem, kz_smem, v_smem, vs_smem, vz_smem, p_smem, o_smem,
-            m_smem, l_smem, q_bar, k_bar, v_bar, *, stages, splits, scale, group, vgroup,
-            block_tokens, hoist_index):
+            m_smem, l_smem, q_bar, k_bar, v_bar, *fold_refs, stages, splits, scale, group,
+            vgroup, block_tokens, hoist_index, fold_keys, gq):
     b = lax.axis_index("b")
     h = lax.axis_index("h")
     s = lax.axis_index("s")
@@ -168,6 +221,9 @@ def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m
         plgpu.copy_gmem_to_smem(vz_ref.at[b, h, grp], vz_smem.at[slot], v_bar.at[slot])
 
     plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar.at[0])
+    if fold_keys:
+        qplain_smem, qp_smem, zp_smem = fold_refs
+        plgpu.copy_gmem_to_smem(q_ref.at[b, h], qplain_smem, q_bar.at[0])
     for i in range(stages):
         pl.when(i < n)(functools.partial(fetch, i, i))
     plgpu.barrier_wait(q_bar.at[0])
@@ -179,6 +235,8 @@ def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m
     den = plgpu.layout_cast(jnp.zeros((T, N), jnp.float32), wg)
     accs = tuple(plgpu.layout_cast(jnp.zeros((64, N), jnp.float32), wg) for _ in range(d // 64))
     c = scale * _LOG2E
+    lpt = T // group  # key groups per 64-token tile (score columns l * gq + h with fold_keys)
+    ones = plgpu.layout_cast(jnp.ones((64, 64), jnp.bfloat16), wg) if fold_keys else None
 
     def codes(ref):  # [64, 64] int4 smem slice -> bf16 WGMMA registers (signed codes)
         a = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
@@ -189,8 +247,21 @@ def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m
         slot = lax.rem(i, stages)
         t0 = (lo + i) * bt
         plgpu.barrier_wait(k_bar.at[slot])
+        if fold_keys:
+            qp, zp = fold_key_scales(qplain_smem, ks_smem.at[slot], kz_smem.at[slot], gq, lpt)
+            qp_smem[...] = qp
+            zp_smem[...] = zp
+            plgpu.commit_smem()
         scs = []
         for j in range(nt):  # keys: row = token (tile j), col = channel; scale [token // G, ch]
+
+            def qk_folded(acc_ref, j=j):
+                for ch in range(d // 64):
+                    cols = (pl.ds(16 * j, 16), pl.ds(ch * 64, 64))
+                    a = codes(k_smem.at[slot, pl.ds(j * T, T), pl.ds(ch * 64, 64)])
+                    plgpu.wgmma(acc_ref, a, qp_smem.at[cols].T)
+                    plgpu.wgmma(acc_ref, ones, zp_smem.at[cols].T)
+                return acc_ref[...]
 
             def qk(acc_ref, j=j):
                 for ch in range(d // 64):
@@ -207,9 +278,13 @@ def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m
                     plgpu.wgmma(acc_ref, a, q_smem.at[:, pl.ds(ch * 64, 64)].T)
                 return acc_ref[...]
 
-            sc = pl.run_scoped(qk, plgpu.ACC((T, N), jnp.float32))
+            sc = pl.run_scoped(qk_folded if fold_keys else qk, plgpu.ACC((T, N), jnp.float32))
             tok = plgpu.broadcasted_iota(jnp.int32, (T, N), 0, layout=wg)
-            scs.append(jnp.where(tok < length - t0 - j * T, sc * c, -jnp.inf))
+            ok = tok < length - t0 - j * T
+            if fold_keys:  # column l * gq + h scores the tokens of key group l of the tile only
+                column = plgpu.broadcasted_iota(jnp.int32, (T, N), 1, layout=wg)
+                ok = ok & (tok // group == column // gq)
+            scs.append(jnp.where(ok, sc * c, -jnp.inf))
         peak = functools.reduce(jnp.maximum, scs)
         m_new = jnp.maximum(m, peak.max(axis=0))
         alpha = jnp.exp2(m - m_new)
@@ -316,9 +391,9 @@ def _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_split
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "num_stages",
-                                             "block_tokens", "hoist_index"))
+                                             "block_tokens", "hoist_index", "fold_keys"))
 def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, *, scale,
-              num_splits, num_stages, block_tokens, hoist_index):
+              num_splits, num_stages, block_tokens, hoist_index, fold_keys):
     b, hq, d = q.shape
     hkv, cap = k4.shape[1], k4.shape[2]
     g, vg = cap // k_scale.shape[2], d // v_scale.shape[3]
@@ -328,7 +403,8 @@ def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, *, sca
     gps = bt // g
     f32, bf16 = jnp.float32, jnp.bfloat16
     kernel = functools.partial(_kernel, stages=num_stages, splits=num_splits, scale=scale,
-                               group=g, vgroup=vg, block_tokens=bt, hoist_index=hoist_index)
+                               group=g, vgroup=vg, block_tokens=bt, hoist_index=hoist_index,
+                               fold_keys=fold_keys, gq=gq)
     st = num_stages
     o, m, den = plgpu.kernel(
         kernel,
@@ -344,16 +420,22 @@ def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, *, sca
             plgpu.SMEM((bt, N), bf16, transforms=(plgpu.TilingTransform((8, N)),
                                                  plgpu.SwizzleTransform(2 * N))),
             plgpu.SMEM((d, N), f32), plgpu.SMEM((N,), f32), plgpu.SMEM((N,), f32),
-            plgpu.Barrier(num_barriers=1),
+            plgpu.Barrier(num_arrivals=2 if fold_keys else 1, num_barriers=1),
             plgpu.Barrier(num_arrivals=3, num_barriers=st),
             plgpu.Barrier(num_arrivals=3, num_barriers=st),
-        ],
+        ] + ([plgpu.SMEM((N, d), bf16), plgpu.SMEM((64, d), bf16, transforms=_SWZ128),
+              plgpu.SMEM((64, d), bf16, transforms=_SWZ128)] if fold_keys else []),
         grid=(b, hkv, num_splits),
         grid_names=("b", "h", "s"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(qg, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized.astype(jnp.int32))
-    o = jnp.swapaxes(o, 3, 4)[:, :, :, :gq]  # [B, Hkv, S, Gq, D]
-    return o, m[:, :, :, :gq], den[:, :, :, :gq]
+    o = jnp.swapaxes(o, 3, 4)  # [B, Hkv, S, N, D]
+    if not fold_keys:
+        return o[:, :, :, :gq], m[:, :, :, :gq], den[:, :, :, :gq]
+    # columns l * gq + h are separate partials (key group l of every tile): more splits
+    cols = (T // g) * gq
+    return (o[:, :, :, :cols].reshape(b, hkv, -1, gq, d), m[:, :, :, :cols].reshape(b, hkv, -1, gq),
+            den[:, :, :, :cols].reshape(b, hkv, -1, gq))
 
 
 def residual_partials(q: Array, residual_keys: Array, residual_values: Array,
@@ -385,6 +467,7 @@ def quantized_decode_attention_mgpu(
     num_stages: int = 2,
     block_tokens: int = 256,
     hoist_index: bool = False,
+    fold_keys: bool = False,
 ) -> Array:
     """[B, Hq, D] decode attention over an int4 cache in the layout of the module doc.
 
@@ -400,10 +483,18 @@ def quantized_decode_attention_mgpu(
       load each scale pair once (`dequant`); fewer index operations (MLIR ops of the kernel
       body: 492 -> 280 divisions, 132 -> 68 shared-memory loads at 64-token steps), not yet
       checked or timed on a GPU.
+    fold_keys: fold the key scales and zero points into the query operand once per step
+      (`fold_key_scales`) instead of dequantizing the key codes: keys cost the upcast only.
+      Each score column is (key group l of a tile, query head), so (64 / G) x Gq <= 16 is
+      required. Not yet checked or timed on a GPU (docs/benchmarks_quant.md, next steps).
     Defaults: the fastest measured at 8 x 32k on an H100 (docs/benchmarks_quant.md).
     """
-    _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_splits, num_stages,
-           block_tokens)
+    g, _ = _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_splits,
+                  num_stages, block_tokens)
+    gq = q.shape[1] // k4.shape[1]
+    if fold_keys and (T // g) * gq > N:
+        raise ValueError(f"fold_keys needs (64 / group size) x query heads per KV head <= {N}, "
+                         f"got (64 / {g}) x {gq}")
     if (residual_keys is None) != (residual_values is None) or (
             (residual_keys is None) != (num_residual is None)):
         raise ValueError("residual_keys, residual_values and num_residual go together")
@@ -418,7 +509,8 @@ def quantized_decode_attention_mgpu(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     o, m, den = _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized,
                           scale=scale, num_splits=num_splits, num_stages=num_stages,
-                          block_tokens=block_tokens, hoist_index=bool(hoist_index))
+                          block_tokens=block_tokens, hoist_index=bool(hoist_index),
+                          fold_keys=bool(fold_keys))
     if residual_keys is not None:
         ro, rm, rl = residual_partials(q, residual_keys, residual_values, num_residual, scale)
         o, m, den = (jnp.concatenate(x, axis=2) for x in ((o, ro), (m, rm), (den, rl)))

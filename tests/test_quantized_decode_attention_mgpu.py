@@ -68,7 +68,7 @@ def test_lowers_for_cuda(i):
     b, h, gq, d, g, counts, r, splits = bqm.CHECKS[i]
     _, _, mg = bqm.case(jax.random.key(i), b, h, gq, d, g, counts, r)
     specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in mg]
-    for cfg in bqm.CHECK_CONFIGS:
+    for cfg in bqm.check_configs(i, g, gq):
         f = functools.partial(qm.quantized_decode_attention_mgpu, num_splits=splits, **cfg)
         text = jax.jit(f).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text
@@ -109,5 +109,7 @@ def test_rejects_bad_input():
         f(*mg[:8], rk)
     with pytest.raises(ValueError, match="residual keys/values must have shape"):
         f(*mg[:8], rk[:, :1], rv[:, :1], rn)
+    with pytest.raises(ValueError, match="fold_keys needs"):  # 2 key groups x 16 heads > 16
+        f(jnp.zeros((1, 32, 128), jnp.bfloat16), *mg[1:8], fold_keys=True)
     with pytest.raises(ValueError, match="num_residual must be"):
         f(*mg[:8], rk, rv, rn[:1, :1])
