@@ -35,13 +35,19 @@ from pallas_kernels import quantized_decode_attention_mgpu as qm  # noqa: E402
 
 LOG: list[str] = []
 GRID = ({},  # the defaults: 16 splits, 2 stages, 256-token steps
-        {"hoist_index": True}, {"fold_keys": True}, {"fold_keys": True, "hoist_index": True},
-        {"block_tokens": 128, "fold_keys": True, "hoist_index": True},
-        {"block_tokens": 128, "hoist_index": True}, {"num_splits": 8, "hoist_index": True},
-        {"block_tokens": 128}, {"num_splits": 8}, {"block_tokens": 64}, {"num_splits": 32})
+        {"fold_keys": True, "fold_values": True},
+        {"block_tokens": 128, "fold_keys": True, "fold_values": True},
+        {"fold_keys": True}, {"block_tokens": 128, "fold_keys": True}, {"fold_values": True},
+        {"hoist_index": True}, {"block_tokens": 128, "hoist_index": True},
+        {"fold_keys": True, "hoist_index": True}, {"num_splits": 8, "fold_keys": True,
+                                                   "fold_values": True},
+        {"block_tokens": 64, "fold_keys": True, "fold_values": True}, {"block_tokens": 128},
+        {"num_splits": 8}, {"block_tokens": 64}, {"num_splits": 32})
 CHECK_CONFIGS = ({}, {"num_stages": 3, "block_tokens": 128, "hoist_index": True},
                  {"block_tokens": 64, "hoist_index": True}, {"fold_keys": True},
-                 {"fold_keys": True, "hoist_index": True, "block_tokens": 128})
+                 {"fold_keys": True, "hoist_index": True, "block_tokens": 128},
+                 {"fold_values": True}, {"fold_keys": True, "fold_values": True},
+                 {"fold_keys": True, "fold_values": True, "block_tokens": 64})
 # (batch, kv heads, query heads per kv head, head dim, G, tokens per head, residual, splits)
 CHECKS = ((2, 2, 4, 128, 32, ((1000, 37), (64, 0)), 50, 4),
           (1, 3, 8, 128, 64, ((2048, 1999, 5),), 128, 8),
@@ -71,12 +77,17 @@ def case(key, b, h, gq, d, g, counts, r, cap=None):
 
 def check_configs(i: int, g: int, gq: int) -> list[dict]:
     """Launch configs checked on CHECKS[i]: all on the first case, then one each in turn plus
-    `fold_keys` where its column budget allows ((64 / G) x Gq <= 16)."""
+    the folds where their limits allow (fold_keys: (64 / G) x Gq <= 16; fold_values: Gv = G =
+    32 here and at most 8 score columns)."""
     if i == 0:
         return list(CHECK_CONFIGS)
     out = [CHECK_CONFIGS[i % 3]]
     if (qm.T // g) * gq <= qm.N:
         out.append({"fold_keys": True})
+    if g == 32 and gq <= 8:
+        out.append({"fold_values": True})
+    if g == 32 and 2 * gq <= 8:
+        out.append({"fold_keys": True, "fold_values": True})
     return out
 
 

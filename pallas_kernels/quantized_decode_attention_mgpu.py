@@ -12,7 +12,9 @@ through a `num_stages`-deep shared-memory ring filled by TMA:
           and zero of its own elements) and fed to WGMMA as the register A operand; the query
           heads of the KV head are the N = 16 columns (zero padded).
           With `fold_keys` the key scales and zero points are folded into the query operand
-          once per step instead (`fold_key_scales`) and the codes enter WGMMA as upcast.
+          once per step instead (`fold_key_scales`) and the codes enter WGMMA as upcast;
+          with `fold_values` the value scales and zero points go into the probabilities
+          (`fold_value_scales`). Both options are lowering-checked only so far.
   softmax float32 online softmax per column (log2 domain); tokens >= num_quantized are masked.
   values  O^T = V^T P: channel-major [64, 64] code chunks, dequantized the same way, times the
           probabilities P [64 tokens, 16] stored to shared memory as the B operand, in four
@@ -53,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax._src.lib.mlir import ir
-from jax._src.lib.mlir.dialects import arith, vector
+from jax._src.lib.mlir.dialects import arith, memref, vector
 from jax.experimental.mosaic import gpu as mgpu
 
 from pallas_kernels.decode_attention import check_num_splits, merge_partials
@@ -68,6 +70,7 @@ GROUPS = (16, 32, 64)
 BLOCK_TOKENS = (64, 128, 256)
 _SWZ128 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 _SWZ_I4 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(32))  # UPCAST_4X loads
+_SWZ_P = (plgpu.TilingTransform((8, N)), plgpu.SwizzleTransform(2 * N))  # [tokens, N] B operands
 
 
 def register_offsets(shape: tuple[int, int] = (64, 64)) -> list[tuple[int, int]]:
@@ -188,6 +191,53 @@ def fold_key_scales(q_ref, scale_ref, zero_ref, gq: int, groups_per_tile: int
     return f(q_ref, scale_ref, zero_ref)
 
 
+def fold_value_scales(p: Array, scale_ref, zero_ref, chunk: int, tile: int, group: int
+                      ) -> tuple[Array, Array]:
+    """(B, Bz) bf16[64, 16] in WGMMA layout: the value scales and zero points of one 64-channel
+    chunk (two channel groups of Gv = 32) folded into the probabilities of one tile
+    (`fold_values`).
+
+    p float32[64 tokens, 16] holds the probabilities in its columns 0..7; column 8 h + c of the
+    results belongs to the chunk's channel group 2 chunk + h:
+        B[t, 8 h + c] = p[t, c] * scale[t, 2 chunk + h]
+        Bz[t, 8 h + c] = p[t, c] * (zero[t, 2 chunk + h] + 8 * scale[t, 2 chunk + h])
+    so codes^T B + ones Bz gives, in rows of channel group h of the chunk and columns 8 h + c,
+    sum_t ((code + 8) * scale + zero) p[t, c]. A thread holds columns col0 + {0, 1} and
+    col0 + 8 + {0, 1} of its rows (`register_offsets`), so no value crosses threads.
+    scale_ref / zero_ref [G_step / G, D / 32, G] (untiled shared memory, `kivi`'s layout);
+    token t of the tile is token 64 tile + t of the step.
+    """
+    ret = plgpu.ShapeDtypeStruct((64, 16), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(), plgpu.RefType()),
+                       return_type=(ret, ret))
+    def f(ctx, p, s_ref, z_ref):
+        del ctx
+        layout, shape = mgpu.WGMMA_LAYOUT, (64, 16)
+        bf2 = ir.VectorType.get((2,), ir.BF16Type.get())
+        f32 = ir.F32Type.get()
+        f2 = ir.VectorType.get((2,), f32)
+        eight = arith.constant(f32, ir.FloatAttr.get(f32, 8.0))
+        offs = register_offsets(shape)
+        regs = list(np.ndindex(layout.registers_shape(shape)))
+        by_off = dict(zip(offs, regs))
+        bs = np.empty(layout.registers_shape(shape), dtype=object)
+        bz = np.empty(layout.registers_shape(shape), dtype=object)
+        for reg, (row, _), (dr, dc) in zip(regs, layout.thread_idxs(shape), offs):
+            src = p.registers[by_off[(dr, dc % 8)]]
+            tok = arith.addi(row, _c(tile * T))
+            idx = [arith.divui(tok, _c(group)), _c(2 * chunk + dc // 8),
+                   arith.remui(tok, _c(group))]
+            sc = arith.extf(f32, memref.load(s_ref, idx))
+            zc = arith.addf(arith.extf(f32, memref.load(z_ref, idx)), arith.mulf(sc, eight))
+            bs[reg] = arith.truncf(bf2, arith.mulf(src, vector.broadcast(f2, sc)))
+            bz[reg] = arith.truncf(bf2, arith.mulf(src, vector.broadcast(f2, zc)))
+        return (mgpu.FragmentedArray(_registers=bs, _layout=layout, _is_signed=None),
+                mgpu.FragmentedArray(_registers=bz, _layout=layout, _is_signed=None))
+
+    return f(p, scale_ref, zero_ref)
+
+
 def _c(v: int):
     return arith.constant(ir.IndexType.get(), v)
 
@@ -195,7 +245,7 @@ def _c(v: int):
 def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m_ref, l_ref,
             q_smem, k_smem, ks_smem, kz_smem, v_smem, vs_smem, vz_smem, p_smem, o_smem,
             m_smem, l_smem, q_bar, k_bar, v_bar, *fold_refs, stages, splits, scale, group,
-            vgroup, block_tokens, hoist_index, fold_keys, gq):
+            vgroup, block_tokens, hoist_index, fold_keys, fold_values, gq):
     b = lax.axis_index("b")
     h = lax.axis_index("h")
     s = lax.axis_index("s")
@@ -222,8 +272,10 @@ def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m
 
     plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar.at[0])
     if fold_keys:
-        qplain_smem, qp_smem, zp_smem = fold_refs
+        qplain_smem, qp_smem, zp_smem = fold_refs[:3]
         plgpu.copy_gmem_to_smem(q_ref.at[b, h], qplain_smem, q_bar.at[0])
+    if fold_values:
+        pv_smem, pz_smem = fold_refs[-2:]
     for i in range(stages):
         pl.when(i < n)(functools.partial(fetch, i, i))
     plgpu.barrier_wait(q_bar.at[0])
@@ -237,6 +289,7 @@ def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m
     c = scale * _LOG2E
     lpt = T // group  # key groups per 64-token tile (score columns l * gq + h with fold_keys)
     ones = plgpu.layout_cast(jnp.ones((64, 64), jnp.bfloat16), wg) if fold_keys else None
+    ones16 = plgpu.layout_cast(jnp.ones((64, 16), jnp.bfloat16), wg) if fold_values else None
 
     def codes(ref):  # [64, 64] int4 smem slice -> bf16 WGMMA registers (signed codes)
         a = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
@@ -290,13 +343,31 @@ def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m
         alpha = jnp.exp2(m - m_new)
         ps = [jnp.exp2(sc - lax.broadcast_in_dim(m_new, sc.shape, [1])) for sc in scs]
         den = den * lax.broadcast_in_dim(alpha, den.shape, [1]) + functools.reduce(jnp.add, ps)
-        for j, p in enumerate(ps):
-            p_smem[pl.ds(j * T, T)] = p.astype(jnp.bfloat16)
-        plgpu.commit_smem()
-        plgpu.barrier_wait(v_bar.at[slot])
+        if fold_values:  # value scales / zero points into per-chunk B operands
+            plgpu.barrier_wait(v_bar.at[slot])
+            for j, p in enumerate(ps):
+                for ch in range(d // 64):
+                    bs, bz = fold_value_scales(p, vs_smem.at[slot], vz_smem.at[slot], ch, j,
+                                               group)
+                    pv_smem[ch, pl.ds(j * T, T)] = bs
+                    pz_smem[ch, pl.ds(j * T, T)] = bz
+            plgpu.commit_smem()
+        else:
+            for j, p in enumerate(ps):
+                p_smem[pl.ds(j * T, T)] = p.astype(jnp.bfloat16)
+            plgpu.commit_smem()
+            plgpu.barrier_wait(v_bar.at[slot])
         new = []
         for ch, acc in enumerate(accs):
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+
+            def pv_folded(acc_ref, ch=ch):
+                for j in range(nt):
+                    a = codes(v_smem.at[slot, pl.ds(ch * 64, 64), pl.ds(j * T, T)])
+                    for kk in range(T // 16):
+                        rows = pl.ds(j * T + kk * 16, 16)
+                        plgpu.wgmma(acc_ref, a[:, kk * 16:(kk + 1) * 16], pv_smem.at[ch, rows])
+                        plgpu.wgmma(acc_ref, ones16, pz_smem.at[ch, rows])
 
             def pv(acc_ref, ch=ch):
                 for j in range(nt):  # values: row = channel, col = token of tile j
@@ -325,7 +396,7 @@ def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m
                         plgpu.wgmma(acc_ref, a[:, kk * 16:(kk + 1) * 16],
                                     p_smem.at[pl.ds(j * T + kk * 16, 16)])
 
-            new.append(pl.run_state(pv)(plgpu.ACC.init(acc)))
+            new.append(pl.run_state(pv_folded if fold_values else pv)(plgpu.ACC.init(acc)))
         pl.when(i + stages < n)(lambda: fetch(i + stages, slot))
         return m_new, den, tuple(new)
 
@@ -391,9 +462,10 @@ def _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_split
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "num_stages",
-                                             "block_tokens", "hoist_index", "fold_keys"))
+                                             "block_tokens", "hoist_index", "fold_keys",
+                                             "fold_values"))
 def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, *, scale,
-              num_splits, num_stages, block_tokens, hoist_index, fold_keys):
+              num_splits, num_stages, block_tokens, hoist_index, fold_keys, fold_values):
     b, hq, d = q.shape
     hkv, cap = k4.shape[1], k4.shape[2]
     g, vg = cap // k_scale.shape[2], d // v_scale.shape[3]
@@ -404,7 +476,7 @@ def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, *, sca
     f32, bf16 = jnp.float32, jnp.bfloat16
     kernel = functools.partial(_kernel, stages=num_stages, splits=num_splits, scale=scale,
                                group=g, vgroup=vg, block_tokens=bt, hoist_index=hoist_index,
-                               fold_keys=fold_keys, gq=gq)
+                               fold_keys=fold_keys, fold_values=fold_values, gq=gq)
     st = num_stages
     o, m, den = plgpu.kernel(
         kernel,
@@ -417,19 +489,23 @@ def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, *, sca
             plgpu.SMEM((st, gps, d), bf16), plgpu.SMEM((st, gps, d), bf16),
             plgpu.SMEM((st, d, bt), jnp.int4, transforms=_SWZ_I4),
             plgpu.SMEM((st, gps, d // vg, g), bf16), plgpu.SMEM((st, gps, d // vg, g), bf16),
-            plgpu.SMEM((bt, N), bf16, transforms=(plgpu.TilingTransform((8, N)),
-                                                 plgpu.SwizzleTransform(2 * N))),
+            plgpu.SMEM((16 if fold_values else bt, N), bf16, transforms=_SWZ_P),  # P
             plgpu.SMEM((d, N), f32), plgpu.SMEM((N,), f32), plgpu.SMEM((N,), f32),
             plgpu.Barrier(num_arrivals=2 if fold_keys else 1, num_barriers=1),
             plgpu.Barrier(num_arrivals=3, num_barriers=st),
             plgpu.Barrier(num_arrivals=3, num_barriers=st),
         ] + ([plgpu.SMEM((N, d), bf16), plgpu.SMEM((64, d), bf16, transforms=_SWZ128),
-              plgpu.SMEM((64, d), bf16, transforms=_SWZ128)] if fold_keys else []),
+              plgpu.SMEM((64, d), bf16, transforms=_SWZ128)] if fold_keys else [])
+          + ([plgpu.SMEM((d // 64, bt, N), bf16, transforms=_SWZ_P)] * 2 if fold_values else []),
         grid=(b, hkv, num_splits),
         grid_names=("b", "h", "s"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(qg, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized.astype(jnp.int32))
     o = jnp.swapaxes(o, 3, 4)  # [B, Hkv, S, N, D]
+    if fold_values:  # rows of channel group h of each chunk hold their result in columns 8 h + c
+        o = o.reshape(b, hkv, num_splits, 2, 8, d // 64, 2, 32)
+        o = jnp.stack([o[:, :, :, 0, :, :, 0], o[:, :, :, 1, :, :, 1]], axis=5)
+        o = o.reshape(b, hkv, num_splits, 8, d)
     if not fold_keys:
         return o[:, :, :, :gq], m[:, :, :, :gq], den[:, :, :, :gq]
     # columns l * gq + h are separate partials (key group l of every tile): more splits
@@ -468,6 +544,7 @@ def quantized_decode_attention_mgpu(
     block_tokens: int = 256,
     hoist_index: bool = False,
     fold_keys: bool = False,
+    fold_values: bool = False,
 ) -> Array:
     """[B, Hq, D] decode attention over an int4 cache in the layout of the module doc.
 
@@ -487,6 +564,11 @@ def quantized_decode_attention_mgpu(
       (`fold_key_scales`) instead of dequantizing the key codes: keys cost the upcast only.
       Each score column is (key group l of a tile, query head), so (64 / G) x Gq <= 16 is
       required. Not yet checked or timed on a GPU (docs/benchmarks_quant.md, next steps).
+    fold_values: fold the value scales and zero points into the probabilities
+      (`fold_value_scales`: per 64-channel chunk, B = P * scale and Bz = P * zero' with the
+      two channel groups of the chunk in column halves) instead of dequantizing the value
+      codes. Needs Gv = 32 and at most 8 score columns (Gq, or (64 / G) x Gq with fold_keys).
+      Not yet checked or timed on a GPU.
     Defaults: the fastest measured at 8 x 32k on an H100 (docs/benchmarks_quant.md).
     """
     g, _ = _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_splits,
@@ -495,6 +577,13 @@ def quantized_decode_attention_mgpu(
     if fold_keys and (T // g) * gq > N:
         raise ValueError(f"fold_keys needs (64 / group size) x query heads per KV head <= {N}, "
                          f"got (64 / {g}) x {gq}")
+    if fold_values:
+        cols = (T // g) * gq if fold_keys else gq
+        vg = q.shape[2] // v_scale.shape[3]
+        if vg != 32 or cols > 8:
+            raise ValueError(f"fold_values needs a value channel group of 32 and at most 8 score "
+                             f"columns (query heads per KV head, times 64 / group size with "
+                             f"fold_keys), got {vg} and {cols}")
     if (residual_keys is None) != (residual_values is None) or (
             (residual_keys is None) != (num_residual is None)):
         raise ValueError("residual_keys, residual_values and num_residual go together")
@@ -510,7 +599,7 @@ def quantized_decode_attention_mgpu(
     o, m, den = _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized,
                           scale=scale, num_splits=num_splits, num_stages=num_stages,
                           block_tokens=block_tokens, hoist_index=bool(hoist_index),
-                          fold_keys=bool(fold_keys))
+                          fold_keys=bool(fold_keys), fold_values=bool(fold_values))
     if residual_keys is not None:
         ro, rm, rl = residual_partials(q, residual_keys, residual_values, num_residual, scale)
         o, m, den = (jnp.concatenate(x, axis=2) for x in ((o, ro), (m, rm), (den, rl)))

@@ -111,5 +111,9 @@ def test_rejects_bad_input():
         f(*mg[:8], rk[:, :1], rv[:, :1], rn)
     with pytest.raises(ValueError, match="fold_keys needs"):  # 2 key groups x 16 heads > 16
         f(jnp.zeros((1, 32, 128), jnp.bfloat16), *mg[1:8], fold_keys=True)
+    with pytest.raises(ValueError, match="fold_values needs"):  # 2 key groups x 8 heads > 8
+        f(jnp.zeros((1, 16, 128), jnp.bfloat16), *mg[1:8], fold_keys=True, fold_values=True)
+    with pytest.raises(ValueError, match="fold_values needs"):  # value channel group 64
+        f(q, k4, ks, kz, v4, vs[:, :, :, :2], vz[:, :, :, :2], n, fold_values=True)
     with pytest.raises(ValueError, match="num_residual must be"):
         f(*mg[:8], rk, rv, rn[:1, :1])
