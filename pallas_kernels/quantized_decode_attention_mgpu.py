@@ -36,8 +36,9 @@ Backend: Mosaic GPU (sm_90) only. The interpreter of jax 0.10.2 cannot run regis
 `inline_mgpu`, so on CPU the tests lower the kernel for CUDA and check the layout
 (`repack_int4` + `reference_mgpu_layout` equal `quantized_decode_attention.reference`); the
 kernel's numbers are checked on the GPU by `experiments/bench_quant_mgpu.py` against that
-reference (six shape families incl. ragged counts, empty heads, partial residuals, G = 16 / 32
-/ 64, 1 to 16 query heads per KV head: rel. L2 error 1.0e-3 to 1.6e-3, bf16).
+reference (six checks over four shape families: ragged counts, empty heads, partial
+residuals, G = 16 / 32 / 64, 1 to 16 query heads per KV head: rel. L2 error 1.0e-3 to 1.6e-3,
+bf16).
 Measured on an H100 (2026-12-07, docs/benchmarks_quant.md), int4 at 8 x 32k: 255-256 us
 against 361-376 us for the bf16 dense kernel in the same runs (1.45-1.47x; the Triton int4
 kernel 0.87-0.92x). Not dispatched by `kvjax.attention`: `kivi` stores the packed layout.
