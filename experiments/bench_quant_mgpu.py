@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments._bench import rel_err, time_jax  # noqa: E402
+from experiments._bench import make_log, rel_err, time_jax  # noqa: E402
 from experiments.bench_kernels import make_cache  # noqa: E402
 from experiments.bench_quant import QARGS, random_quantized  # noqa: E402
 from pallas_kernels import decode_attention as da  # noqa: E402
@@ -38,6 +38,7 @@ from pallas_kernels import quantized_decode_attention as qda  # noqa: E402
 from pallas_kernels import quantized_decode_attention_mgpu as qm  # noqa: E402
 
 LOG: list[str] = []
+log, attempt = make_log(LOG)  # a failing config logs one line (traceback into LOG) and goes on
 GRID = ({},  # the defaults: 16 splits, 2 stages, 256-token steps
         {"fold_keys": True, "fold_values": True},
         {"block_tokens": 128, "fold_keys": True, "fold_values": True},
@@ -58,12 +59,6 @@ CHECKS = ((2, 2, 4, 128, 32, ((1000, 37), (64, 0)), 50, 4),
           (2, 1, 16, 64, 16, ((512,), (300,)), 0, 2),
           (1, 2, 1, 128, 32, ((4096, 4095),), 17, 16),
           (1, 2, 4, 128, 16, ((1024, 700),), 64, 4))
-
-
-def log(*parts) -> None:
-    line = " ".join(str(p) for p in parts)
-    print(line, flush=True)
-    LOG.append(line)
 
 
 def case(key, b, h, gq, d, g, counts, r, cap=None):
@@ -146,10 +141,9 @@ def bench(b: int, ctx: int, budget_end: float, grid=GRID) -> dict:
             log("  (budget spent)")
             break
         f = functools.partial(qm.quantized_decode_attention_mgpu, **cfg)
-        try:
-            t = time_jax(lambda q, *a, f=f: f(q, *a), qs, [mg], reps)
-        except Exception as e:  # noqa: BLE001 - one failing config must not stop the run
-            log(f"  mgpu {json.dumps(cfg)} FAILED {type(e).__name__}: {str(e)[:200]}")
+        t = attempt("mgpu " + json.dumps(cfg), time_jax, lambda q, *a, f=f: f(q, *a), qs, [mg],
+                    reps)
+        if t is None:
             continue
         err = err_of(f(qs[0], *mg))
         row["mgpu " + json.dumps(cfg)] = t * 1e6
