@@ -117,3 +117,11 @@ def test_rejects_bad_input():
         f(q, k4, ks, kz, v4, vs[:, :, :, :2], vz[:, :, :, :2], n, fold_values=True)
     with pytest.raises(ValueError, match="num_residual must be"):
         f(*mg[:8], rk, rv, rn[:1, :1])
+
+
+def test_bench_skips_options_that_failed_their_checks():
+    assert bqm.runnable({"fold_keys": True, "block_tokens": 128}, set())
+    assert not bqm.runnable({"fold_keys": True, "block_tokens": 128}, {"fold_keys"})
+    assert bqm.runnable({"hoist_index": True}, {"fold_keys"})
+    assert not bqm.runnable({}, {""})  # the default path failed: nothing is timed
+    assert bqm.runnable({"fold_keys": False}, {"fold_keys"})
