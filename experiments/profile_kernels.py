@@ -16,11 +16,14 @@ restricts the set (`torch`: PyTorch SDPA on the same buffers; `dense_nopos`: the
 masking by lengths only), `--batch` sets the batch; `--cpu` runs it at tiny shapes in interpret
 mode (smoke test). `proto_int4` / `proto_int4k` / `proto_bf16` (GPU only): the Mosaic GPU
 probe of experiments/proto_mgpu_int4.py (int4 keys + values, int4 keys only, bf16 keys +
-values; 16 splits, 2 stages); `int4_mgpu`, `int4_mgpu_b64`, `int4_mgpu_hoist` (GPU only): the
-Mosaic GPU int4 KIVI kernel (pallas_kernels/quantized_decode_attention_mgpu.py) with the
-options of `MGPU_VARIANTS`. `--repeat N` calls each case N times in the range, so that
-`nsys profile --capture-range=cudaProfilerApi` then `nsys stats -r cuda_gpu_kern_sum` gives
-each kernel's mean device time without launch gaps (the fair comparison with torch's kernels).
+values; 16 splits, 2 stages); `int4_mgpu`, `int4_mgpu_b64`, `int4_mgpu_hoist`,
+`int4_mgpu_fold` (GPU only): the Mosaic GPU int4 KIVI kernel
+(pallas_kernels/quantized_decode_attention_mgpu.py) with the options of `MGPU_VARIANTS` (under
+`ncu` the process crashed compiling that kernel on 2026-12-07; the probe's kernel profiled).
+`--repeat N` calls each case N times in the range, so that `nsys profile
+--capture-range=cudaProfilerApi` then `nsys stats -r cuda_gpu_kern_sum` gives each kernel's
+mean device time without launch gaps (the fair comparison with torch's kernels; the lent
+device had no `nsys` on 2026-12-07).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ MGPU_VARIANTS = {  # int4_mgpu{name}: quantized_decode_attention_mgpu keyword ar
     "": {},
     "_b64": dict(block_tokens=64),
     "_hoist": dict(hoist_index=True),
+    "_fold": dict(fold_keys=True, fold_values=True),
 }
 
 
