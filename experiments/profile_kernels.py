@@ -19,7 +19,7 @@ probe of experiments/proto_mgpu_int4.py (int4 keys + values, int4 keys only, bf1
 values; 16 splits, 2 stages); `int4_mgpu`, `int4_mgpu_b64`, `int4_mgpu_hoist`,
 `int4_mgpu_fold` (GPU only): the Mosaic GPU int4 KIVI kernel
 (pallas_kernels/quantized_decode_attention_mgpu.py) with the options of `MGPU_VARIANTS` (under
-`ncu` the process crashed compiling that kernel on 2026-12-07; the probe's kernel profiled).
+`ncu` the process crashed compiling that kernel on 2026-12-07, after the probe's had run).
 `--repeat N` calls each case N times in the range, so that `nsys profile
 --capture-range=cudaProfilerApi` then `nsys stats -r cuda_gpu_kern_sum` gives each kernel's
 mean device time without launch gaps (the fair comparison with torch's kernels; the lent
