@@ -39,9 +39,9 @@ kernel's numbers are checked on the GPU by `experiments/bench_quant_mgpu.py` aga
 reference (six checks over four shape families: ragged counts, empty heads, partial
 residuals, G = 16 / 32 / 64, 1 to 16 query heads per KV head: rel. L2 error 1.0e-3 to 1.6e-3,
 bf16).
-Measured on an H100 (2026-12-07, docs/benchmarks_quant.md), int4 at 8 x 32k: 255-256 us
-against 361-376 us for the bf16 dense kernel in the same runs (1.45-1.47x; the Triton int4
-kernel 0.87-0.92x). Not dispatched by `kvjax.attention`: `kivi` stores the packed layout.
+Measured on an H100 (2026-12-07, docs/benchmarks_quant.md), int4 at 8 x 32k: 255.3 / 256.3 us
+against 369.3 / 375.6 us for the bf16 dense kernel in the same runs (1.45x / 1.47x; the Triton
+int4 kernel 0.87-0.92x). Not dispatched by `kvjax.attention`: `kivi` stores the packed layout.
 """
 
 from __future__ import annotations
