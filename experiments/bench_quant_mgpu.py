@@ -61,6 +61,13 @@ CHECKS = ((2, 2, 4, 128, 32, ((1000, 37), (64, 0)), 50, 4),
           (1, 2, 4, 128, 16, ((1024, 700),), 64, 4))
 
 
+def mgpu_args(arrs: dict) -> tuple:
+    """The kernel's arguments after q (k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized,
+    residual keys / values / count) from `random_quantized`'s `kivi`-layout arrays."""
+    k4, v4 = qm.repack_int4(arrs["k_codes"], arrs["v_codes"])
+    return (k4, arrs["k_scale"], arrs["k_zero"], v4, *(arrs[n] for n in QARGS[4:]))
+
+
 def case(key, b, h, gq, d, g, counts, r, cap=None):
     """kivi-layout arrays (packed) with per-head counts, their repack, and a query."""
     tokens = cap or max(max(c) for c in counts)
@@ -68,11 +75,7 @@ def case(key, b, h, gq, d, g, counts, r, cap=None):
     arrs["num_quantized"] = jnp.array(counts, jnp.int32)
     arrs["num_residual"] = jnp.full((b, h), r, jnp.int32)
     q = jax.random.normal(jax.random.fold_in(key, 1), (b, h * gq, d), jnp.bfloat16)
-    k4, v4 = qm.repack_int4(arrs["k_codes"], arrs["v_codes"])
-    mg = (q, k4, arrs["k_scale"], arrs["k_zero"], v4, arrs["v_scale"], arrs["v_zero"],
-          arrs["num_quantized"], arrs["residual_keys"], arrs["residual_values"],
-          arrs["num_residual"])
-    return q, arrs, mg
+    return q, arrs, (q, *mgpu_args(arrs))
 
 
 def check_configs(i: int, g: int, gq: int) -> list[dict]:
@@ -145,8 +148,7 @@ def bench(b: int, ctx: int, budget_end: float, grid=GRID, bad: frozenset = froze
     row["triton_int4"] = t * 1e6
     log(f"  triton int4 (default)        {t * 1e6:8.1f} us {qbytes / t / 1e9:6.0f} GB/s "
         f"{row['dense'] / (t * 1e6):5.2f}x dense  err {err}")
-    k4, v4 = qm.repack_int4(arrs["k_codes"], arrs["v_codes"])
-    mg = (k4, arrs["k_scale"], arrs["k_zero"], v4, *(arrs[n] for n in QARGS[4:]))
+    mg = mgpu_args(arrs)
     for cfg in grid:
         if time.time() > budget_end:
             log("  (budget spent)")

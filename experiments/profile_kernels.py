@@ -125,11 +125,11 @@ def cases(b: int, ctx: int, hkv: int, g: int, d: int) -> dict:
         out["proto_int4"] = (f, (q8, k4, v4))
         out["proto_int4k"] = (f, (q8, k4))
         out["proto_bf16"] = (f, (q8, kb, vb))
+        from experiments.bench_quant_mgpu import mgpu_args  # noqa: PLC0415
         from pallas_kernels import quantized_decode_attention_mgpu as qm  # noqa: PLC0415
 
         arrs = random_quantized(jax.random.key(4), b, hkv, ctx - 128, d, 4, 32, 128)
-        k4, v4 = qm.repack_int4(arrs["k_codes"], arrs["v_codes"])
-        mg = (q, k4, arrs["k_scale"], arrs["k_zero"], v4, *(arrs[n] for n in QARGS[4:]))
+        mg = (q, *mgpu_args(arrs))
         for name, kw in MGPU_VARIANTS.items():
             out[f"int4_mgpu{name}"] = (
                 jax.jit(functools.partial(qm.quantized_decode_attention_mgpu, **kw)), mg)

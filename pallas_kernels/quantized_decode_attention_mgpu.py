@@ -59,7 +59,7 @@ from jax._src.lib.mlir import ir
 from jax._src.lib.mlir.dialects import arith, memref, vector
 from jax.experimental.mosaic import gpu as mgpu
 
-from pallas_kernels.decode_attention import check_num_splits, merge_partials
+from pallas_kernels.decode_attention import check_num_splits, merge_partials, pad_query_groups
 
 Array = jax.Array
 
@@ -467,11 +467,10 @@ def _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_split
                                              "fold_values"))
 def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, *, scale,
               num_splits, num_stages, block_tokens, hoist_index, fold_keys, fold_values):
-    b, hq, d = q.shape
+    b, _, d = q.shape
     hkv, cap = k4.shape[1], k4.shape[2]
     g, vg = cap // k_scale.shape[2], d // v_scale.shape[3]
-    gq = hq // hkv
-    qg = jnp.pad(q.reshape(b, hkv, gq, d), ((0, 0), (0, 0), (0, N - gq), (0, 0)))
+    qg, gq, _ = pad_query_groups(q, hkv, N)  # [B, Hkv, N, D]: Gq <= N is checked
     bt = block_tokens
     gps = bt // g
     f32, bf16 = jnp.float32, jnp.bfloat16
@@ -515,18 +514,21 @@ def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, *, sca
             den[:, :, :, :cols].reshape(b, hkv, -1, gq))
 
 
-def residual_partials(q: Array, residual_keys: Array, residual_values: Array,
-                      num_residual: Array, scale: float) -> tuple[Array, Array, Array]:
-    """(o [B, Hkv, 1, Gq, D], m, l [B, Hkv, 1, Gq]) of the residual window, float32, jnp."""
+def window_partials(q: Array, keys: Array, values: Array, count: Array, scale: float,
+                    precision=None) -> tuple[Array, Array, Array]:
+    """(o [B, Hkv, 1, Gq, D], m, l [B, Hkv, 1, Gq]), float32, jnp: the softmax partials of q over
+    a window keys / values [B, Hkv, W, D] whose first `count` int32[B, Hkv] slots are valid (the
+    residual window; in `reference_mgpu_layout` also the dequantized quantized part)."""
     b, hq, d = q.shape
-    hkv, r = residual_keys.shape[1], residual_keys.shape[2]
+    hkv, w = keys.shape[1], keys.shape[2]
     qg = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
-    sc = jnp.einsum("bhgd,bhrd->bhgr", qg, residual_keys.astype(jnp.float32)) * scale
-    valid = jnp.arange(r)[None, None, None, :] < num_residual[:, :, None, None]
+    sc = jnp.einsum("bhgd,bhwd->bhgw", qg, keys.astype(jnp.float32),
+                    precision=precision) * scale
+    valid = jnp.arange(w)[None, None, None, :] < count[:, :, None, None]
     sc = jnp.where(valid, sc, -jnp.inf)
     m = jnp.maximum(sc.max(axis=-1), NEG)
     p = jnp.exp(sc - m[..., None])
-    o = jnp.einsum("bhgr,bhrd->bhgd", p, residual_values.astype(jnp.float32))
+    o = jnp.einsum("bhgw,bhwd->bhgd", p, values.astype(jnp.float32), precision=precision)
     return o[:, :, None], m[:, :, None], p.sum(axis=-1)[:, :, None]
 
 
@@ -572,15 +574,14 @@ def quantized_decode_attention_mgpu(
       Not yet checked or timed on a GPU.
     Defaults: the fastest measured at 8 x 32k on an H100 (docs/benchmarks_quant.md).
     """
-    g, _ = _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_splits,
-                  num_stages, block_tokens)
+    g, vg = _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_splits,
+                   num_stages, block_tokens)
     gq = q.shape[1] // k4.shape[1]
     if fold_keys and (T // g) * gq > N:
         raise ValueError(f"fold_keys needs (64 / group size) x query heads per KV head <= {N}, "
                          f"got (64 / {g}) x {gq}")
     if fold_values:
         cols = (T // g) * gq if fold_keys else gq
-        vg = q.shape[2] // v_scale.shape[3]
         if vg != 32 or cols > 8:
             raise ValueError(f"fold_values needs a value channel group of 32 and at most 8 score "
                              f"columns (query heads per KV head, times 64 / group size with "
@@ -602,7 +603,7 @@ def quantized_decode_attention_mgpu(
                           block_tokens=block_tokens, hoist_index=bool(hoist_index),
                           fold_keys=bool(fold_keys), fold_values=bool(fold_values))
     if residual_keys is not None:
-        ro, rm, rl = residual_partials(q, residual_keys, residual_values, num_residual, scale)
+        ro, rm, rl = window_partials(q, residual_keys, residual_values, num_residual, scale)
         o, m, den = (jnp.concatenate(x, axis=2) for x in ((o, ro), (m, rm), (den, rl)))
     return merge_partials(o, m, den).reshape(q.shape).astype(q.dtype)
 
@@ -640,16 +641,9 @@ def reference_mgpu_layout(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quant
     values = (jnp.swapaxes(v4, 2, 3).astype(jnp.float32) + 8) * per_token(v_scale) + per_token(
         v_zero)
     scale = d**-0.5 if scale is None else scale
-    hq = q.shape[1]
-    qg = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
-    sc = jnp.einsum("bhgd,bhcd->bhgc", qg, keys, precision="highest") * scale
-    valid = jnp.arange(cap)[None, None, None, :] < num_quantized[:, :, None, None]
-    sc = jnp.where(valid, sc, -jnp.inf)
-    m = jnp.maximum(sc.max(axis=-1), NEG)
-    p = jnp.exp(sc - m[..., None])
-    o = jnp.einsum("bhgc,bhcd->bhgd", p, values, precision="highest")[:, :, None]
-    m, den = m[:, :, None], p.sum(axis=-1)[:, :, None]
+    o, m, den = window_partials(q, keys, values, num_quantized, scale, precision="highest")
     if residual_keys is not None:
-        ro, rm, rl = residual_partials(q, residual_keys, residual_values, num_residual, scale)
+        ro, rm, rl = window_partials(q, residual_keys, residual_values, num_residual, scale,
+                                     precision="highest")
         o, m, den = (jnp.concatenate(x, axis=2) for x in ((o, ro), (m, rm), (den, rl)))
     return merge_partials(o, m, den).reshape(q.shape).astype(q.dtype)

@@ -43,12 +43,12 @@ def test_repack_int4_codes():
     np.testing.assert_array_equal(v4.astype(jnp.int32) + 8, jnp.swapaxes(flat, 2, 3))
 
 
-def test_residual_partials_merge_to_softmax():
+def test_window_partials_merge_to_softmax():
     q = jax.random.normal(jax.random.key(1), (2, 4, 64), jnp.float32)
     k = jax.random.normal(jax.random.key(2), (2, 2, 8, 64), jnp.float32)
     v = jax.random.normal(jax.random.key(3), (2, 2, 8, 64), jnp.float32)
     n = jnp.array([[8, 3], [0, 1]], jnp.int32)
-    o, m, den = qm.residual_partials(q, k, v, n, 0.125)
+    o, m, den = qm.window_partials(q, k, v, n, 0.125)
     out = jnp.where(den[:, :, 0, :, None] > 0, o[:, :, 0] / jnp.maximum(den[:, :, 0, :, None],
                                                                        1e-30), 0.0)
     for bi in range(2):
