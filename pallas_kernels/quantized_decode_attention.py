@@ -765,6 +765,23 @@ DEFAULT_CONFIG = {
 VARIANTS = ("fold", "tile", "stack")
 
 
+def check_residual(q: Array, kv_heads: int, residual_keys: Array | None,
+                   residual_values: Array | None, num_residual: Array | None) -> None:
+    """ValueError unless the residual window's arrays come all or none, keys / values shaped
+    [B, Hkv, R, D] for q [B, Hq, D] (shared by the Triton and Mosaic GPU quantized kernels)."""
+    if (residual_keys is None) != (residual_values is None) or (
+        (residual_keys is None) != (num_residual is None)
+    ):
+        raise ValueError("residual_keys, residual_values and num_residual go together")
+    if residual_keys is not None:
+        expect = (q.shape[0], kv_heads, residual_keys.shape[2], q.shape[2])
+        if residual_keys.shape != expect or residual_values.shape != expect:
+            raise ValueError(
+                f"residual keys/values must have shape {expect}, got "
+                f"{residual_keys.shape} and {residual_values.shape}"
+            )
+
+
 def quantized_decode_partials(
     q: Array,
     k_codes: Array, k_scale: Array, k_zero: Array,
@@ -831,17 +848,7 @@ def quantized_decode_partials(
     """
     if q.ndim != 3:
         raise ValueError(f"q must be [batch, query_heads, head_dim], got shape {q.shape}")
-    if (residual_keys is None) != (residual_values is None) or (
-        (residual_keys is None) != (num_residual is None)
-    ):
-        raise ValueError("residual_keys, residual_values and num_residual go together")
-    if residual_keys is not None:
-        expect = (q.shape[0], k_codes.shape[1], residual_keys.shape[2], q.shape[2])
-        if residual_keys.shape != expect or residual_values.shape != expect:
-            raise ValueError(
-                f"residual keys/values must have shape {expect}, got "
-                f"{residual_keys.shape} and {residual_values.shape}"
-            )
+    check_residual(q, k_codes.shape[1], residual_keys, residual_values, num_residual)
     check_num_splits(num_splits)
     bits, g, vg, _ = _layout(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                              num_quantized)

@@ -60,6 +60,7 @@ from jax._src.lib.mlir.dialects import arith, memref, vector
 from jax.experimental.mosaic import gpu as mgpu
 
 from pallas_kernels.decode_attention import check_num_splits, merge_partials, pad_query_groups
+from pallas_kernels.quantized_decode_attention import check_residual
 
 Array = jax.Array
 
@@ -586,17 +587,10 @@ def quantized_decode_attention_mgpu(
             raise ValueError(f"fold_values needs a value channel group of 32 and at most 8 score "
                              f"columns (query heads per KV head, times 64 / group size with "
                              f"fold_keys), got {vg} and {cols}")
-    if (residual_keys is None) != (residual_values is None) or (
-            (residual_keys is None) != (num_residual is None)):
-        raise ValueError("residual_keys, residual_values and num_residual go together")
-    if residual_keys is not None:
-        b, hkv = num_quantized.shape
-        expect = (b, hkv, residual_keys.shape[2], q.shape[2])
-        if residual_keys.shape != expect or residual_values.shape != expect:
-            raise ValueError(f"residual keys/values must have shape {expect}, got "
-                             f"{residual_keys.shape} and {residual_values.shape}")
-        if num_residual.shape != (b, hkv):
-            raise ValueError(f"num_residual must be [{b}, {hkv}], got {num_residual.shape}")
+    check_residual(q, k4.shape[1], residual_keys, residual_values, num_residual)
+    if num_residual is not None and num_residual.shape != num_quantized.shape:
+        raise ValueError(f"num_residual must be {list(num_quantized.shape)}, got "
+                         f"{num_residual.shape}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     o, m, den = _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized,
                           scale=scale, num_splits=num_splits, num_stages=num_stages,
