@@ -562,8 +562,8 @@ def quantized_decode_attention_mgpu(
       256).
     hoist_index: form the scale / zero addresses once per thread plus immediate offsets and
       load each scale pair once (`dequant`); fewer index operations (MLIR ops of the kernel
-      body: 492 -> 280 divisions, 132 -> 68 shared-memory loads at 64-token steps), not yet
-      checked or timed on a GPU.
+      body, `python experiments/count_mgpu_ops.py`: 492 -> 280 divisions, 132 -> 68
+      shared-memory loads at 64-token steps), not yet checked or timed on a GPU.
     fold_keys: fold the key scales and zero points into the query operand once per step
       (`fold_key_scales`) instead of dequantizing the key codes: keys cost the upcast only.
       Each score column is (key group l of a tile, query head), so (64 / G) x Gq <= 16 is
