@@ -233,9 +233,22 @@ def grow(layer: LayerCache, capacity: int) -> LayerCache:
     )
 
 
+def array_nbytes(x: Any) -> int:
+    """Stored bytes of one array (or shape-dtype struct): sub-byte dtypes (int4) count their
+    bits, as XLA packs them on GPU and TPU (numpy's itemsize would say one byte each)."""
+    dt = jnp.dtype(x.dtype)
+    if jnp.issubdtype(dt, jnp.integer):
+        bits = jnp.iinfo(dt).bits
+    elif jnp.issubdtype(dt, jnp.floating):
+        bits = jnp.finfo(dt).bits
+    else:
+        bits = 8 * dt.itemsize
+    return -(-int(np.prod(x.shape)) * bits // 8)
+
+
 def nbytes(tree: Any) -> int:
     """True memory of any cache pytree: the bytes of every array it stores."""
-    return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+    return sum(array_nbytes(x) for x in jax.tree.leaves(tree))
 
 
 # --- save / restore -------------------------------------------------------------------------

@@ -41,7 +41,8 @@ residuals, G = 16 / 32 / 64, 1 to 16 query heads per KV head: rel. L2 error 1.0e
 bf16).
 Measured on an H100 (2026-12-07, docs/benchmarks_quant.md), int4 at 8 x 32k: 255.3 / 256.3 us
 against 369.3 / 375.6 us for the bf16 dense kernel in the same runs (1.45x / 1.47x; the Triton
-int4 kernel 0.87-0.92x). Not dispatched by `kvjax.attention`: `kivi` stores the packed layout.
+int4 kernel 0.87-0.92x). `kvjax.attention` dispatches here for `kivi(4, layout="int4")` caches
+(k_codes / v_codes are k4 / v4) on sm_90 with bf16 queries and scales (`supported`, `on_hopper`).
 """
 
 from __future__ import annotations
@@ -412,6 +413,28 @@ def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m
     plgpu.copy_smem_to_gmem(m_smem, m_ref.at[b, h, s])
     plgpu.copy_smem_to_gmem(l_smem, l_ref.at[b, h, s])
     plgpu.wait_smem_to_gmem(0)
+
+
+def on_hopper() -> bool:
+    """Whether the default device is an sm_90 GPU (H100 / H200), the kernel's only target."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
+
+
+def supported(q_dtype, gq: int, head_dim: int, group_size: int, value_group: int,
+              scale_dtype, capacity: int) -> bool:
+    """Whether the kernel takes these sizes and dtypes (`kvjax.quant.kivi`'s dispatch; the
+    entry point raises for the rest): bf16 queries and scales, Gq <= 16, D a multiple of 64,
+    G and Gv in (16, 32, 64), a capacity that some `block_tokens` divides."""
+    return (jnp.dtype(q_dtype) == jnp.bfloat16 and jnp.dtype(scale_dtype) == jnp.bfloat16
+            and 1 <= gq <= N and head_dim % 64 == 0 and group_size in GROUPS
+            and value_group in GROUPS and capacity > 0 and capacity % BLOCK_TOKENS[0] == 0)
+
+
+def largest_block_tokens(capacity: int) -> int:
+    """The largest `block_tokens` dividing the capacity (256, the default, for `kivi`'s 4-bit
+    caches at G >= 32)."""
+    return max(bt for bt in BLOCK_TOKENS if capacity % bt == 0)
 
 
 def _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_splits,

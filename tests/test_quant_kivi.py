@@ -484,6 +484,99 @@ def test_save_restore_round_trip(tmp_path, model):
     assert back.layers[0].bits == 4
 
 
+# --- int4 layout (the Hopper kernel's) --------------------------------------------------------
+
+
+def test_int4_layout_holds_the_packed_codes():
+    """layout="int4" stores the packed layout's codes as signed int4 (keys [Cq, D], values
+    [D, Cq]; `repack_int4` of the packed words), the same scales, and dequantizes equally."""
+    from pallas_kernels.quantized_decode_attention_mgpu import repack_int4
+
+    dense = _dense(11, 2, 2, 90, 32, [[90, 41], [17, 0]])
+    packed = from_dense(dense, 4, 16, 16)
+    q4 = from_dense(dense, 4, 16, 16, layout="int4")
+    cq = packed.quantized_capacity
+    assert q4.int4_layout and not packed.int4_layout
+    assert q4.k_codes.dtype == jnp.int4 and q4.k_codes.shape == (2, 2, cq, 32)
+    assert q4.v_codes.shape == (2, 2, 32, cq)
+    assert (q4.bits, q4.group_size, q4.head_dim, q4.capacity) == (4, 16, 32, packed.capacity)
+    k4, v4 = repack_int4(packed.k_codes, packed.v_codes)
+    np.testing.assert_array_equal(np.asarray(q4.k_codes), np.asarray(k4))
+    np.testing.assert_array_equal(np.asarray(q4.v_codes), np.asarray(v4))
+    for a, b in zip(packed.codes(), q4.codes()):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(packed.to_dense()), jax.tree.leaves(q4.to_dense())):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # int4 counts half a byte: both layouts store the same bytes
+    assert nbytes(q4) == nbytes(packed)
+    assert kvjax.cache.array_nbytes(q4.k_codes) == 2 * 2 * cq * 32 // 2
+    grown = q4.grow(q4.capacity + 300)
+    assert grown.k_codes.shape[2] == grown.v_codes.shape[3] == grown.quantized_capacity
+    assert grown.quantized_capacity >= cq + 300 and grown.group_size == 16
+    np.testing.assert_array_equal(np.asarray(grown.to_dense().keys[:, :, :cq]),
+                                  np.asarray(q4.to_dense().keys[:, :, :cq]))
+
+
+def test_int4_layout_decodes_like_packed(model, tmp_path):
+    """generate with kivi(4, layout="int4") == the packed layout: same tokens, and the same
+    caches (codes, scales, positions) through decoding flushes; saved and restored."""
+    tokens, lengths = PROMPTS[:2, :40], np.array([40, 29])
+    run = functools.partial(kvjax.generate, model, tokens, 24, lengths=lengths,
+                            return_cache=True)
+    out_p, packed = run(compressor=kivi(4, 16, 16))
+    out_4, int4 = run(compressor=kivi(4, 16, 16, layout="int4"))
+    np.testing.assert_array_equal(np.asarray(out_4), np.asarray(out_p))
+    assert int(int4.layers[0].num_quantized.min()) >= 32  # decoding flushed groups
+    for lp, l4 in zip(packed.layers, int4.layers):
+        assert l4.int4_layout
+        for a, b in zip(lp.codes(), l4.codes()):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        for name in ("k_scale", "v_zero", "quant_positions", "residual_keys", "num_residual"):
+            np.testing.assert_array_equal(np.asarray(getattr(l4, name)),
+                                          np.asarray(getattr(lp, name)))
+    kvjax.cache.save(tmp_path / "c", int4)
+    back = kvjax.cache.restore(tmp_path / "c")
+    for a, b in zip(jax.tree.leaves(int4), jax.tree.leaves(back)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_int4_layout_dispatches_to_the_hopper_kernel(monkeypatch):
+    """On an sm_90 GPU, bf16 decode over an int4-layout cache calls
+    `quantized_decode_attention_mgpu` with the cache's arrays (here a stand-in that runs the
+    kernel's jnp reference over the same arguments: the kernel itself runs on the GPU only,
+    `experiments/bench_quant_mgpu.py`); f32 queries, other platforms and the packed layout
+    do not."""
+    from pallas_kernels import quantized_decode_attention_mgpu as qm
+
+    dense = _dense(12, 2, 2, 300, 64, [[300, 260], [151, 0]], jnp.bfloat16)
+    qc = from_dense(dense, 4, 32, 32, layout="int4")
+    q = jnp.asarray(np.random.default_rng(13).normal(size=(2, 8, 1, 64)), jnp.bfloat16)
+    qpos = jnp.full((2, 1), 1000, jnp.int32)
+    ref = kvjax.attention.attend(q, qpos, qc, impl="reference")
+    calls = []
+
+    def stand_in(q1, *args, scale=None, block_tokens=256, **kwargs):
+        calls.append((args[0].shape, block_tokens))
+        return qm.reference_mgpu_layout(q1, *args, scale=scale)
+
+    monkeypatch.setattr(qm, "quantized_decode_attention_mgpu", stand_in)
+    np.testing.assert_array_equal(np.asarray(kvjax.attention.attend(q, qpos, qc)),
+                                  np.asarray(ref))  # CPU: the reference
+    monkeypatch.setattr(kvjax.attention, "kernel_platform", lambda: "gpu")
+    monkeypatch.setattr(qm, "on_hopper", lambda: True)
+    out = kvjax.attention.attend(q, qpos, qc)
+    assert calls == [((2, 2, qc.quantized_capacity, 64), 256)]
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                               rtol=2e-2, atol=2e-2)
+    kvjax.attention.attend(q.astype(jnp.float32), qpos, qc)  # f32: the reference
+    kvjax.attention.attend(q, qpos, from_dense(dense, 4, 32, 32))  # packed: Triton (interpret)
+    monkeypatch.setattr(qm, "on_hopper", lambda: False)
+    kvjax.attention.attend(q, qpos, qc)
+    assert len(calls) == 1
+    assert qm.largest_block_tokens(384) == 128 and qm.largest_block_tokens(512) == 256
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 
@@ -502,6 +595,12 @@ def test_bad_arguments(model):
         kivi(scale_dtype=jnp.float32)
     with pytest.raises(ValueError, match=r"group_size \(32\) must divide the head dim \(16\)"):
         kvjax.generate(model, PROMPTS[:1, :8], 2, compressor=kivi(2, 32, 128))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        kivi(4, layout="int8")
+    with pytest.raises(ValueError, match="bits must be 4"):
+        kivi(2, layout="int4")
+    with pytest.raises(ValueError, match="bits must be 4"):
+        from_dense(_dense(0, 1, 1, 8, 8, [[8]]), 8, 8, 8, layout="int4")
     qc = from_dense(_dense(0, 1, 1, 8, 8, [[8]]), 2, 8, 8)
     with pytest.raises(TypeError, match="dense LayerCache"):
         kivi(2, 8, 8).prefill(qc, None, ())

@@ -315,4 +315,4 @@ def nbytes(tree: Any) -> int:
     seen: dict[int, Any] = {}
     for x in jax.tree.leaves(tree):
         seen[id(x)] = x
-    return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in seen.values()))
+    return sum(kvcache.array_nbytes(x) for x in seen.values())

@@ -25,9 +25,14 @@ uint32 word, Nb blocks of P groups, Ng = Nb * P groups, R residual slots):
   residual_keys/values  [B, H, R, D]            full precision (the model's dtype), oldest first
   residual_positions    int32[B, H, R]          -1 for empty slots
   num_residual          int32[B, H]             residual slots [0, n) are valid
-Bits, G, R and Hp follow from the array shapes (no static fields), so save/restore is plain
-arrays. Token slots (`capacity`, `positions`) are the quantized slots followed by the residual
-slots; a slot holds a token iff its position is >= 0.
+The int4 layout (`kivi(bits=4, layout="int4")`, for the Hopper kernel
+`pallas_kernels/quantized_decode_attention_mgpu.py`) stores the same codes unpacked as signed
+int4 (code - 8), keys token-major and values channel-major; everything else is as above:
+  k_codes               int4[B, H, Ng * G, D]
+  v_codes               int4[B, H, D, Ng * G]
+Bits, G, R, Hp and the layout follow from the array shapes and dtypes (no static fields), so
+save/restore is plain arrays. Token slots (`capacity`, `positions`) are the quantized slots
+followed by the residual slots; a slot holds a token iff its position is >= 0.
 
 Shared positions (`kivi(..., head_positions=False)`): when every KV head of a row holds the same
 tokens in the same slots (a cache no per-head method touched: the prefill of a plain model),
@@ -85,11 +90,20 @@ class QuantizedLayerCache:
 
     # --- static facts, read off the shapes -------------------------------------------------
     @property
+    def int4_layout(self) -> bool:
+        """True for the unpacked signed-int4 layout (module docstring), False for packed words."""
+        return self.k_codes.dtype == jnp.int4
+
+    @property
     def bits(self) -> int:
+        if self.int4_layout:
+            return 4
         return 32 // (self.k_scale.shape[2] // self.k_codes.shape[2])
 
     @property
     def group_size(self) -> int:
+        if self.int4_layout:
+            return self.k_codes.shape[2] // self.k_scale.shape[2]
         return self.k_codes.shape[3]
 
     @property
@@ -106,7 +120,7 @@ class QuantizedLayerCache:
 
     @property
     def head_dim(self) -> int:
-        return self.k_codes.shape[4]
+        return self.k_codes.shape[-1]
 
     @property
     def quantized_capacity(self) -> int:
@@ -164,11 +178,17 @@ class QuantizedLayerCache:
             widths[2] = (0, n)
             return jnp.pad(arr, widths, constant_values=value)
 
+        if self.int4_layout:  # empty slots hold code 0 (int4 -8), as in the packed layout
+            k_codes = pad(self.k_codes, extra * g, -8)
+            v_codes = jnp.pad(self.v_codes, [(0, 0)] * 3 + [(0, extra * g)],
+                              constant_values=-8)
+        else:
+            k_codes, v_codes = pad(self.k_codes, extra // per), pad(self.v_codes, extra // per)
         return self.replace(
-            k_codes=pad(self.k_codes, extra // per),
+            k_codes=k_codes,
             k_scale=pad(self.k_scale, extra),
             k_zero=pad(self.k_zero, extra),
-            v_codes=pad(self.v_codes, extra // per),
+            v_codes=v_codes,
             v_scale=pad(self.v_scale, extra),
             v_zero=pad(self.v_zero, extra),
             quant_positions=pad(self.quant_positions, extra * g, -1),
@@ -177,15 +197,23 @@ class QuantizedLayerCache:
     # --- reading ---------------------------------------------------------------------------
     def dequantize(self) -> tuple[Array, Array]:
         """float32 (keys, values) [B, H, Ng * G, D] of the quantized part."""
-        b, h, _, g, d = self.k_codes.shape
-        ng = self.k_scale.shape[2]
-        kc = packing.unpack(self.k_codes, self.bits)  # [B, H, Ng, G, D]
+        b, h, ng, d = self.k_scale.shape
+        g = self.group_size
+        kc, vc = self.codes()
+        kc = kc.reshape(b, h, ng, g, d)
         keys = packing.dequantize(kc, self.k_scale[:, :, :, None], self.k_zero[:, :, :, None])
-        vc = packing.unpack(self.v_codes, self.bits).reshape(b, h, ng * g, d)
         vs = jnp.swapaxes(self.v_scale, 3, 4).reshape(b, h, ng * g, -1)
         vz = jnp.swapaxes(self.v_zero, 3, 4).reshape(b, h, ng * g, -1)
         values = packing.dequantize_values(vc, jnp.swapaxes(vs, 2, 3), jnp.swapaxes(vz, 2, 3))
         return keys.reshape(b, h, ng * g, d), values
+
+    def codes(self) -> tuple[Array, Array]:
+        """(key codes, value codes) uint32[B, H, Ng * G, D] in token order, either layout."""
+        b, h, ng, d = self.k_scale.shape
+        if self.int4_layout:
+            return from_int4(self.k_codes), jnp.swapaxes(from_int4(self.v_codes), 2, 3)
+        kc = packing.unpack(self.k_codes, self.bits).reshape(b, h, -1, d)
+        return kc, packing.unpack(self.v_codes, self.bits).reshape(b, h, -1, d)
 
     def to_dense(self, dtype: Any = jnp.float32) -> LayerCache:
         """A dense LayerCache of the same slots (validity by position >= 0; the reference)."""
@@ -227,6 +255,16 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def to_int4(codes: Array) -> Array:
+    """4-bit codes (unsigned, [0, 16)) -> the int4 layout's signed int4 (code - 8)."""
+    return (codes.astype(jnp.int32) - 8).astype(jnp.int4)
+
+
+def from_int4(codes: Array) -> Array:
+    """The int4 layout's signed codes -> uint32 codes in [0, 16)."""
+    return (codes.astype(jnp.int32) + 8).astype(jnp.uint32)
+
+
 def _valid_positions(c: QuantizedLayerCache) -> Array:
     qvalid = jnp.arange(c.quantized_capacity)[None, None] < c.num_quantized[:, :, None]
     rvalid = jnp.arange(c.residual_size)[None, None] < c.num_residual[:, :, None]
@@ -237,9 +275,17 @@ def _valid_positions(c: QuantizedLayerCache) -> Array:
     )
 
 
-def check_config(bits: Any, group_size: Any, residual: Any) -> None:
-    """ValueError unless bits in {2, 4, 8}, group_size >= 1 and residual a multiple of it."""
+LAYOUTS = ("packed", "int4")
+
+
+def check_config(bits: Any, group_size: Any, residual: Any, layout: Any = "packed") -> None:
+    """ValueError unless bits in {2, 4, 8}, group_size >= 1, residual a multiple of it and
+    layout "packed" or (4 bits only) "int4"."""
     packing.check_bits(bits)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "int4" and bits != 4:
+        raise ValueError(f'layout="int4" stores 4-bit codes: bits must be 4, got {bits}')
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if not isinstance(residual, int) or isinstance(residual, bool):
@@ -266,6 +312,7 @@ def from_dense(
     residual: int = 128,
     scale_dtype: Any = jnp.bfloat16,
     head_positions: bool = True,
+    layout: str = "packed",
 ) -> QuantizedLayerCache:
     """Quantizes a dense LayerCache (valid slots [0, lengths) in order, oldest first).
 
@@ -278,10 +325,14 @@ def from_dense(
     head_positions=False stores the quantized tokens' positions once per row (module
     docstring); every head of a row must then hold the same lengths and positions, which is
     checked (ValueError) when `layer` is concrete, i.e. called outside jit.
+
+    layout: "packed" (uint32 words) or, at 4 bits, "int4" (module docstring).
     """
+    check_config(bits, group_size, max(residual, group_size), layout)
     if not head_positions:
         _check_shared(layer)
-    return _from_dense(layer, bits, group_size, residual, scale_dtype, bool(head_positions))
+    return _from_dense(layer, bits, group_size, residual, scale_dtype, bool(head_positions),
+                       layout)
 
 
 def _check_shared(layer: LayerCache) -> None:
@@ -302,7 +353,8 @@ def _check_shared(layer: LayerCache) -> None:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("bits", "group_size", "residual", "scale_dtype", "head_positions")
+    jax.jit,
+    static_argnames=("bits", "group_size", "residual", "scale_dtype", "head_positions", "layout"),
 )
 def _from_dense(
     layer: LayerCache,
@@ -311,6 +363,7 @@ def _from_dense(
     residual: int,
     scale_dtype: Any,
     head_positions: bool,
+    layout: str,
 ) -> QuantizedLayerCache:
     packing.check_bits(bits)
     g = group_size
@@ -357,11 +410,16 @@ def _from_dense(
         return jnp.take_along_axis(arr, ix, axis=2)
 
     zero = jnp.zeros((), layer.keys.dtype)
+    if layout == "int4":  # token-major keys, channel-major values
+        k_codes = to_int4(kc.reshape(b, h, cq, d))
+        v_codes = jnp.swapaxes(to_int4(vc.reshape(b, h, cq, d)), 2, 3)
+    else:
+        k_codes, v_codes = packing.pack(kc, bits), packing.pack(vc, bits)
     return QuantizedLayerCache(
-        k_codes=packing.pack(kc, bits),
+        k_codes=k_codes,
         k_scale=ks,
         k_zero=kz,
-        v_codes=packing.pack(vc, bits),
+        v_codes=v_codes,
         v_scale=jnp.where(vmask, vs, 0).astype(scale_dtype),
         v_zero=jnp.where(vmask, vz, 0).astype(scale_dtype),
         quant_positions=qpos,
@@ -378,22 +436,29 @@ def _flush(c: QuantizedLayerCache, mask: Array) -> QuantizedLayerCache:
     g, bits = c.group_size, c.bits
     per = 32 // bits
     b, h = mask.shape
-    nb, ng = c.k_codes.shape[2], c.k_scale.shape[2]
+    ng = c.k_scale.shape[2]
     kc, ks, kz = packing.quantize_keys(
         c.residual_keys[:, :, None, :g], jnp.ones((b, h, 1, g), bool), bits, c.k_scale.dtype
     )
     vc, vs, vz = packing.quantize_values(c.residual_values[:, :, :g], g, bits, c.v_scale.dtype)
     gi = c.num_quantized // g  # [B, H] the group to fill
-    blk, j = gi // per, (gi % per).astype(jnp.uint32)
     bi = jnp.arange(b)[:, None]
     hi = jnp.arange(h)[None, :]
-    shift = (j * bits)[:, :, None, None]
-    old_k = c.k_codes[bi, hi, jnp.minimum(blk, nb - 1)]  # [B, H, G, D]
-    old_v = c.v_codes[bi, hi, jnp.minimum(blk, nb - 1)]
-    blk_idx = jnp.where(mask, blk, nb)  # out of range: dropped
-    gi_idx = jnp.where(mask, gi, ng)
+    gi_idx = jnp.where(mask, gi, ng)  # out of range: dropped
     slots = jnp.where(mask[..., None], gi[..., None] * g + jnp.arange(g), ng * g)  # [B, H, G]
     bi3, hi3 = bi[..., None], hi[..., None]
+    if c.int4_layout:  # G token rows of keys, G token columns of values
+        k_codes = c.k_codes.at[bi3, hi3, slots].set(to_int4(kc[:, :, 0]), mode="drop")
+        v_codes = c.v_codes.at[bi3, hi3, :, slots].set(to_int4(vc), mode="drop")
+    else:  # or the codes into bit field j of the block's words
+        nb = c.k_codes.shape[2]
+        blk, j = gi // per, (gi % per).astype(jnp.uint32)
+        shift = (j * bits)[:, :, None, None]
+        old_k = c.k_codes[bi, hi, jnp.minimum(blk, nb - 1)]  # [B, H, G, D]
+        old_v = c.v_codes[bi, hi, jnp.minimum(blk, nb - 1)]
+        blk_idx = jnp.where(mask, blk, nb)
+        k_codes = c.k_codes.at[bi, hi, blk_idx].set(old_k | (kc[:, :, 0] << shift), mode="drop")
+        v_codes = c.v_codes.at[bi, hi, blk_idx].set(old_v | (vc << shift), mode="drop")
     roll = lambda x, fill: jnp.concatenate(  # noqa: E731
         [x[:, :, g:], jnp.full_like(x[:, :, :g], fill)], axis=2
     )
@@ -407,8 +472,8 @@ def _flush(c: QuantizedLayerCache, mask: Array) -> QuantizedLayerCache:
             c.residual_positions[:, :1, :g], mode="drop"
         )
     return c.replace(
-        k_codes=c.k_codes.at[bi, hi, blk_idx].set(old_k | (kc[:, :, 0] << shift), mode="drop"),
-        v_codes=c.v_codes.at[bi, hi, blk_idx].set(old_v | (vc << shift), mode="drop"),
+        k_codes=k_codes,
+        v_codes=v_codes,
         k_scale=c.k_scale.at[bi, hi, gi_idx].set(ks[:, :, 0], mode="drop"),
         k_zero=c.k_zero.at[bi, hi, gi_idx].set(kz[:, :, 0], mode="drop"),
         v_scale=c.v_scale.at[bi, hi, gi_idx].set(vs, mode="drop"),
@@ -453,13 +518,29 @@ def _append(c: QuantizedLayerCache, k: Array, v: Array, pos: Array, valid: Array
 
 def use_kernel(layer: QuantizedLayerCache, q: Array, sliding_window: int | None,
                impl: str) -> bool:
-    """The Pallas kernel serves decode (one query per row, no window) on GPU."""
+    """The Triton kernel serves packed-layout decode (one query per row, no window) on GPU."""
     from pallas_kernels import quantized_decode_attention as qda
 
     return (
         impl == "auto" and kvattention.kernel_platform() == "gpu" and q.shape[2] == 1
-        and sliding_window is None
+        and sliding_window is None and not layer.int4_layout
         and qda.supported(layer.head_dim, layer.group_size, layer.residual_size)
+    )
+
+
+def use_mgpu_kernel(layer: QuantizedLayerCache, q: Array, sliding_window: int | None,
+                    impl: str) -> bool:
+    """The Mosaic GPU kernel serves int4-layout decode on Hopper (bf16 queries and scales);
+    other int4-layout calls take the reference."""
+    from pallas_kernels import quantized_decode_attention_mgpu as qm
+
+    return (
+        impl == "auto" and layer.int4_layout and kvattention.kernel_platform() == "gpu"
+        and q.shape[2] == 1 and sliding_window is None
+        and qm.supported(q.dtype, q.shape[1] // layer.num_heads, layer.head_dim,
+                         layer.group_size, layer.head_dim // layer.v_scale.shape[3],
+                         layer.k_scale.dtype, layer.quantized_capacity)
+        and qm.on_hopper()
     )
 
 
@@ -482,14 +563,24 @@ def quantized_attend(
     sliding_window: int | None = None,
     impl: str = "auto",
 ) -> Array:
-    """Attention over a QuantizedLayerCache: the Pallas kernel for GPU decode, else the
-    reference (dequantize to float32, `kvjax.attention.reference_attention`)."""
+    """Attention over a QuantizedLayerCache: for GPU decode the Triton kernel (packed layout)
+    or, on Hopper, the Mosaic GPU kernel (int4 layout), else the reference (dequantize to
+    float32, `kvjax.attention.reference_attention`)."""
     if q.shape[-1] != layer.head_dim:
         raise ValueError(f"q head dim {q.shape[-1]} != cache head dim {layer.head_dim}")
     if use_kernel(layer, q, sliding_window, impl):
         from pallas_kernels import quantized_decode_attention as qda
 
         out = qda.combine([kernel_partials(q[:, :, 0], layer, scale)], q.dtype)
+        return out[:, :, None]
+    if use_mgpu_kernel(layer, q, sliding_window, impl):
+        from pallas_kernels import quantized_decode_attention_mgpu as qm
+
+        out = qm.quantized_decode_attention_mgpu(
+            q[:, :, 0], layer.k_codes, layer.k_scale, layer.k_zero, layer.v_codes,
+            layer.v_scale, layer.v_zero, layer.num_quantized, layer.residual_keys,
+            layer.residual_values, layer.num_residual, scale=scale,
+            block_tokens=qm.largest_block_tokens(layer.quantized_capacity))
         return out[:, :, None]
     return kvattention.reference_attention(q, q_positions, layer.to_dense(), scale, sliding_window)
 
@@ -506,6 +597,7 @@ def kivi(
     residual: int = 128,
     scale_dtype: Any = jnp.bfloat16,
     head_positions: bool = True,
+    layout: str = "packed",
 ) -> Compressor:
     """KIVI quantization as a Compressor (prefill quantizes; decode appends to the residual).
 
@@ -520,23 +612,29 @@ def kivi(
         for a cache whose heads hold the same tokens (a plain prefill): 4 bytes per token
         instead of 4 per token and head (module docstring). Under jit the premise is not
         checked: a per-head-evicted cache would get head 0's positions for every head.
+      layout: "packed" (uint32 words, the Triton kernel's; any bits) or "int4" (bits=4 only:
+        signed int4 codes, keys token-major and values channel-major, the layout the Hopper
+        kernel `quantized_decode_attention_mgpu` reads; decoding with bf16 queries and scales
+        dispatches to it on sm_90, other platforms take the reference). Same codes, scales and
+        bytes in both layouts, so the same attention output up to rounding.
     """
-    check_config(bits, group_size, residual)
+    check_config(bits, group_size, residual, layout)
     if jnp.dtype(scale_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"scale_dtype must be bfloat16 or float16, got {scale_dtype!r}")
     if not isinstance(head_positions, bool):
         raise ValueError(f"head_positions must be True or False, got {head_positions!r}")
-    return _kivi(bits, group_size, residual, jnp.dtype(scale_dtype).name, head_positions)
+    return _kivi(bits, group_size, residual, jnp.dtype(scale_dtype).name, head_positions,
+                 layout)
 
 
 @functools.cache
 def _kivi(bits: int, group_size: int, residual: int, scale_dtype: str,
-          head_positions: bool) -> Compressor:
+          head_positions: bool, layout: str) -> Compressor:
     def prefill(cache: Any, obs: Observation, state: Any):
         if not isinstance(cache, LayerCache):
             raise TypeError(f"kivi quantizes a dense LayerCache, got {type(cache).__name__}")
         out = from_dense(cache, bits, group_size, residual, jnp.dtype(scale_dtype),
-                         head_positions)
+                         head_positions, layout)
         return out, state
 
     def decode(cache: Any, obs: Observation, state: Any):
