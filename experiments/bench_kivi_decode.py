@@ -75,11 +75,13 @@ def inputs(b: int, ctx: int, n: int, seed: int) -> tuple:
 def run_cell(b: int, ctx: int, n: int, runs: int) -> dict:
     row: dict = {"batch": b, "ctx": ctx, "steps": n}
     f = steps_fn(n)
-    outs = {}
+    outs, codes = {}, {}
     for name, cache in caches(b, ctx).items():
         xs = inputs(b, ctx, n, 0)
         cache, out = f(cache, *xs)  # compile + the steps whose outputs are compared
         outs[name] = np.asarray(out, np.float32)
+        if hasattr(cache, "codes"):  # after n steps (flushes included), on this device
+            codes[name] = [np.asarray(x) for x in cache.codes()] + [np.asarray(cache.k_scale)]
         ts = []
         for i in range(runs):
             xs = inputs(b, ctx, n, i + 1)
@@ -95,6 +97,11 @@ def run_cell(b: int, ctx: int, n: int, runs: int) -> dict:
             f"({row['dense bf16'] / (t * 1e6):5.2f}x dense; quantized / held tokens now "
             f"{int(nq.min())}; {kvjax.cache.nbytes(cache) / 2**20:7.1f} MiB)")
         del cache
+    same = [bool(np.array_equal(x, y)) for x, y in
+            zip(codes["kivi4 int4 (Mosaic GPU)"], codes["kivi4 packed (Triton)"])]
+    row["same_codes_after_steps"] = same
+    log(f"  caches after {n} steps: key codes, value codes, key scales equal in both layouts: "
+        f"{same}")
     a, p = outs["kivi4 int4 (Mosaic GPU)"], outs["kivi4 packed (Triton)"]
     row["int4_vs_packed_err"] = rel_err(a, p)
     row["packed_vs_dense_err"] = rel_err(p, outs["dense bf16"])

@@ -39,9 +39,10 @@ kernel's numbers are checked on the GPU by `experiments/bench_quant_mgpu.py` aga
 reference (six checks over four shape families: ragged counts, empty heads, partial
 residuals, G = 16 / 32 / 64, 1 to 16 query heads per KV head: rel. L2 error 1.0e-3 to 1.6e-3,
 bf16).
-Measured on an H100 (2026-12-07, docs/benchmarks_quant.md), int4 at 8 x 32k: 255.3 / 256.3 us
-against 369.3 / 375.6 us for the bf16 dense kernel in the same runs (1.45x / 1.47x; the Triton
-int4 kernel 0.87-0.92x). `kvjax.attention` dispatches here for `kivi(4, layout="int4")` caches
+Measured on an H100 (docs/benchmarks_quant.md), int4 at 8 x 32k: 214.1 us with the defaults
+(128-token steps, `hoist_index`) against 361.6 us for the bf16 dense kernel in the same run
+(1.69x; 256-token steps without hoisting, the first default, 250.0 us = 1.45x; the Triton
+int4 kernel 0.90x). `kvjax.attention` dispatches here for `kivi(4, layout="int4")` caches
 (k_codes / v_codes are k4 / v4) on sm_90 with bf16 queries and scales (`supported`, `on_hopper`).
 """
 
@@ -101,11 +102,11 @@ def dequant(a: Array, scale_ref, zero_ref, index, hoisted=None) -> Array:
     (untiled refs; columns col, col + 1 adjacent in their last dimension) and applies them with
     bf16x2 arithmetic; no Pallas-level op gathers per element, hence `plgpu.inline_mgpu`.
     index(row, col) -> the MLIR index list of element (row, col) in the refs, evaluated for every
-    register (the default, checked on the GPU). hoisted = (base, offset): base(row0, col0) -> the
+    register (`hoist_index=False`). hoisted = (base, offset): base(row0, col0) -> the
     index list of the thread's first element (computed once), offset(dr, dc) -> Python ints
     added to it for the element at (row0 + dr, col0 + dc) (`register_offsets`: dr in {0, 8}, dc a
     multiple of 8), so the loads take immediate offsets instead of per-register index arithmetic
-    and each scale pair is loaded once per thread (`hoist_index=True`; not yet run on a GPU).
+    and each scale pair is loaded once per thread (`hoist_index=True`, the default).
     """
 
     @plgpu.inline_mgpu(
@@ -431,10 +432,9 @@ def supported(q_dtype, gq: int, head_dim: int, group_size: int, value_group: int
             and value_group in GROUPS and capacity > 0 and capacity % BLOCK_TOKENS[0] == 0)
 
 
-def largest_block_tokens(capacity: int) -> int:
-    """The largest `block_tokens` dividing the capacity (256, the default, for `kivi`'s 4-bit
-    caches at G >= 32)."""
-    return max(bt for bt in BLOCK_TOKENS if capacity % bt == 0)
+def default_block_tokens(capacity: int) -> int:
+    """The default `block_tokens` (128) where it divides the capacity, else 64."""
+    return 128 if capacity % 128 == 0 else 64
 
 
 def _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_splits,
@@ -568,8 +568,8 @@ def quantized_decode_attention_mgpu(
     scale: float | None = None,
     num_splits: int = 16,
     num_stages: int = 2,
-    block_tokens: int = 256,
-    hoist_index: bool = False,
+    block_tokens: int = 128,
+    hoist_index: bool = True,
     fold_keys: bool = False,
     fold_values: bool = False,
 ) -> Array:
@@ -582,25 +582,30 @@ def quantized_decode_attention_mgpu(
     num_stages: depth of the shared-memory ring (steps in flight).
     block_tokens: tokens per online-softmax step and ring slot (64, 128 or 256: one, two or
       four 64-token tiles); must divide the capacity (kivi's 4-bit capacity is a multiple of
-      256).
+      8 G, so 128 always divides it for G >= 16).
     hoist_index: form the scale / zero addresses once per thread plus immediate offsets and
       load each scale pair once (`dequant`); fewer index operations (MLIR ops of the kernel
       body, `python experiments/count_mgpu_ops.py`: 492 -> 280 divisions, 132 -> 68
-      shared-memory loads at 64-token steps), not yet checked or timed on a GPU.
+      shared-memory loads at 64-token steps). H100, 8 x 32k: 250.0 us without, 230.2 with,
+      214.1 with 128-token steps (the default since; docs/benchmarks_quant.md).
     fold_keys: fold the key scales and zero points into the query operand once per step
       (`fold_key_scales`) instead of dequantizing the key codes: keys cost the upcast only.
       Each score column is (key group l of a tile, query head), so (64 / G) x Gq <= 16 is
-      required. Not yet checked or timed on a GPU (docs/benchmarks_quant.md, next steps).
+      required. Needs block_tokens >= 128 (with fold_values at 64-token steps the GPU check
+      failed, rel. error 5.9e-2, so 64 is refused for both folds until that is found).
     fold_values: fold the value scales and zero points into the probabilities
       (`fold_value_scales`: per 64-channel chunk, B = P * scale and Bz = P * zero' with the
       two channel groups of the chunk in column halves) instead of dequantizing the value
-      codes. Needs Gv = 32 and at most 8 score columns (Gq, or (64 / G) x Gq with fold_keys).
-      Not yet checked or timed on a GPU.
+      codes. Needs Gv = 32, at most 8 score columns (Gq, or (64 / G) x Gq with fold_keys) and
+      block_tokens >= 128.
     Defaults: the fastest measured at 8 x 32k on an H100 (docs/benchmarks_quant.md).
     """
     g, vg = _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_splits,
                    num_stages, block_tokens)
     gq = q.shape[1] // k4.shape[1]
+    if (fold_keys or fold_values) and block_tokens < 128:
+        raise ValueError(f"fold_keys / fold_values need block_tokens >= 128, got {block_tokens} "
+                         "(both folds at 64-token steps failed their GPU check)")
     if fold_keys and (T // g) * gq > N:
         raise ValueError(f"fold_keys needs (64 / group size) x query heads per KV head <= {N}, "
                          f"got (64 / {g}) x {gq}")

@@ -556,7 +556,7 @@ def test_int4_layout_dispatches_to_the_hopper_kernel(monkeypatch):
     ref = kvjax.attention.attend(q, qpos, qc, impl="reference")
     calls = []
 
-    def stand_in(q1, *args, scale=None, block_tokens=256, **kwargs):
+    def stand_in(q1, *args, scale=None, block_tokens=128, **kwargs):
         calls.append((args[0].shape, block_tokens))
         return qm.reference_mgpu_layout(q1, *args, scale=scale)
 
@@ -566,7 +566,7 @@ def test_int4_layout_dispatches_to_the_hopper_kernel(monkeypatch):
     monkeypatch.setattr(kvjax.attention, "kernel_platform", lambda: "gpu")
     monkeypatch.setattr(qm, "on_hopper", lambda: True)
     out = kvjax.attention.attend(q, qpos, qc)
-    assert calls == [((2, 2, qc.quantized_capacity, 64), 256)]
+    assert calls == [((2, 2, qc.quantized_capacity, 64), 128)]
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                                rtol=2e-2, atol=2e-2)
     kvjax.attention.attend(q.astype(jnp.float32), qpos, qc)  # f32: the reference
@@ -574,7 +574,7 @@ def test_int4_layout_dispatches_to_the_hopper_kernel(monkeypatch):
     monkeypatch.setattr(qm, "on_hopper", lambda: False)
     kvjax.attention.attend(q, qpos, qc)
     assert len(calls) == 1
-    assert qm.largest_block_tokens(384) == 128 and qm.largest_block_tokens(512) == 256
+    assert qm.default_block_tokens(384) == 128 and qm.default_block_tokens(320) == 64
 
 
 # --- bad input -----------------------------------------------------------------------------

@@ -117,11 +117,17 @@ def test_rejects_bad_input():
         f(q, k4, ks, kz, v4, vs[:, :, :, :2], vz[:, :, :, :2], n, fold_values=True)
     with pytest.raises(ValueError, match="num_residual must be"):
         f(*mg[:8], rk, rv, rn[:1, :1])
+    with pytest.raises(ValueError, match="need block_tokens >= 128"):  # failed on the GPU
+        f(*mg[:8], fold_keys=True, fold_values=True, block_tokens=64)
 
 
 def test_bench_skips_options_that_failed_their_checks():
+    both = frozenset({"fold_keys", "fold_values"})
     assert bqm.runnable({"fold_keys": True, "block_tokens": 128}, set())
-    assert not bqm.runnable({"fold_keys": True, "block_tokens": 128}, {"fold_keys"})
-    assert bqm.runnable({"hoist_index": True}, {"fold_keys"})
-    assert not bqm.runnable({}, {""})  # the default path failed: nothing is timed
-    assert bqm.runnable({"fold_keys": False}, {"fold_keys"})
+    assert not bqm.runnable({"fold_keys": True}, {frozenset({"fold_keys"})})
+    assert bqm.runnable({"fold_keys": True}, {both})  # only the pair failed
+    assert not bqm.runnable({"fold_keys": True, "fold_values": True}, {both})
+    assert not bqm.runnable({}, {frozenset({"hoist_index"})})  # a default option failed
+    assert bqm.runnable({"hoist_index": False}, {frozenset({"hoist_index"})})
+    assert not bqm.runnable({"hoist_index": False}, {frozenset()})  # no options: all skipped
+    assert bqm.runnable({"fold_keys": False}, {frozenset({"fold_keys"})})

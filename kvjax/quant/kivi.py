@@ -580,7 +580,7 @@ def quantized_attend(
             q[:, :, 0], layer.k_codes, layer.k_scale, layer.k_zero, layer.v_codes,
             layer.v_scale, layer.v_zero, layer.num_quantized, layer.residual_keys,
             layer.residual_values, layer.num_residual, scale=scale,
-            block_tokens=qm.largest_block_tokens(layer.quantized_capacity))
+            block_tokens=qm.default_block_tokens(layer.quantized_capacity))
         return out[:, :, None]
     return kvattention.reference_attention(q, q_positions, layer.to_dense(), scale, sliding_window)
 
