@@ -634,14 +634,13 @@ def repack_int4(k_codes: Array, v_codes: Array) -> tuple[Array, Array]:
     """`kivi`'s packed 4-bit codes (uint32[B, H, Nb, G, D]) -> (k4 int4[B, H, C, D],
     v4 int4[B, H, D, C]) signed (code - 8), C = Nb * 8 * G tokens in order."""
     from kvjax.quant import packing  # noqa: PLC0415 - kvjax imports pallas_kernels
+    from kvjax.quant.kivi import to_int4  # noqa: PLC0415
 
-    def tokens(words):  # [B, H, C, D] codes in token order, as int32
+    def tokens(words):  # [B, H, C, D] signed codes in token order
         c = packing.unpack(words, 4)  # [B, H, Ng, G, D]
-        return c.reshape(c.shape[0], c.shape[1], -1, c.shape[-1]).astype(jnp.int32)
+        return to_int4(c.reshape(c.shape[0], c.shape[1], -1, c.shape[-1]))
 
-    k = tokens(k_codes) - 8
-    v = tokens(v_codes) - 8
-    return k.astype(jnp.int4), jnp.swapaxes(v, 2, 3).astype(jnp.int4)
+    return tokens(k_codes), jnp.swapaxes(tokens(v_codes), 2, 3)
 
 
 def reference_mgpu_layout(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized,

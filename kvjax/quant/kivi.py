@@ -209,7 +209,7 @@ class QuantizedLayerCache:
 
     def codes(self) -> tuple[Array, Array]:
         """(key codes, value codes) uint32[B, H, Ng * G, D] in token order, either layout."""
-        b, h, ng, d = self.k_scale.shape
+        b, h, _, d = self.k_scale.shape
         if self.int4_layout:
             return from_int4(self.k_codes), jnp.swapaxes(from_int4(self.v_codes), 2, 3)
         kc = packing.unpack(self.k_codes, self.bits).reshape(b, h, -1, d)
@@ -328,7 +328,7 @@ def from_dense(
 
     layout: "packed" (uint32 words) or, at 4 bits, "int4" (module docstring).
     """
-    check_config(bits, group_size, max(residual, group_size), layout)
+    check_config(bits, group_size, residual if residual else group_size, layout)  # 0: no window
     if not head_positions:
         _check_shared(layer)
     return _from_dense(layer, bits, group_size, residual, scale_dtype, bool(head_positions),
@@ -365,10 +365,7 @@ def _from_dense(
     head_positions: bool,
     layout: str,
 ) -> QuantizedLayerCache:
-    packing.check_bits(bits)
-    g = group_size
-    if residual:
-        check_config(bits, group_size, residual)
+    g = group_size  # checked by from_dense
     b, h, c, d = layer.keys.shape
     _check_head_dim(d, g)
     per = 32 // bits
