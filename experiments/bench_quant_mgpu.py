@@ -40,46 +40,63 @@ from pallas_kernels import quantized_decode_attention_mgpu as qm  # noqa: E402
 LOG: list[str] = []
 log, attempt = make_log(LOG)  # a failing config logs one line (traceback into LOG) and goes on
 GRID = ({},  # the defaults: 16 splits, 2 stages, 128-token steps, hoist_index
+        {"fuse_residual": True},  # the residual window inside the kernel (ninth session)
         {"block_tokens": 256, "hoist_index": False},  # the first defaults
         {"fold_keys": True, "fold_values": True},
         {"block_tokens": 256, "fold_keys": True, "fold_values": True},
         {"fold_keys": True}, {"fold_values": True}, {"block_tokens": 256},
         {"block_tokens": 64}, {"num_splits": 8}, {"num_stages": 3}, {"num_splits": 32})
-CHECK_CONFIGS = ({}, {"block_tokens": 256, "hoist_index": False},
+CHECK_CONFIGS = ({}, {"fuse_residual": True}, {"block_tokens": 256, "hoist_index": False},
                  {"num_stages": 3, "block_tokens": 64, "hoist_index": False},
                  {"fold_keys": True, "block_tokens": 256},
                  {"fold_keys": True, "hoist_index": False},
                  {"fold_values": True}, {"fold_keys": True, "fold_values": True},
-                 {"fold_keys": True, "fold_values": True, "block_tokens": 256})
-# (batch, kv heads, query heads per kv head, head dim, G, tokens per head, residual, splits)
-CHECKS = ((2, 2, 4, 128, 32, ((1000, 37), (64, 0)), 50, 4),
-          (1, 3, 8, 128, 64, ((2048, 1999, 5),), 128, 8),
+                 {"fold_keys": True, "fold_values": True, "block_tokens": 256},
+                 {"fold_keys": True, "fold_values": True, "block_tokens": 64},
+                 {"fold_values": True, "block_tokens": 64})
+# (batch, kv heads, query heads per kv head, head dim, G, tokens per head, residual, splits):
+# few splits, so that a split streams several steps even at 256-token steps (the fold_values
+# bug of the eighth session hid behind one step per split); residuals partial, full (128),
+# not a multiple of 64 (50, 17, 100) and none
+CHECKS = ((2, 2, 4, 128, 32, ((1000, 37), (64, 0)), 50, 2),
+          (1, 3, 8, 128, 64, ((2048, 1999, 5),), 128, 4),
           (2, 1, 16, 64, 16, ((512,), (300,)), 0, 2),
-          (1, 2, 1, 128, 32, ((4096, 4095),), 17, 16),
-          (1, 2, 4, 128, 16, ((1024, 700),), 64, 4))
+          (1, 2, 1, 128, 32, ((4096, 4095),), 17, 3),
+          (1, 2, 4, 128, 16, ((1024, 700),), 100, 4))
 
 
-def mgpu_args(arrs: dict) -> tuple:
+def mgpu_args(arrs: dict, words: int = 0) -> tuple:
     """The kernel's arguments after q (k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized,
-    residual keys / values / count) from `random_quantized`'s `kivi`-layout arrays."""
-    k4, v4 = qm.repack_int4(arrs["k_codes"], arrs["v_codes"])
+    residual keys / values / count) from `random_quantized`'s `kivi`-layout arrays: codes in
+    the int4 layout, or with `words` = bits in the words layout (`qm.repack_words`)."""
+    if words:
+        k4, v4 = qm.repack_words(arrs["k_codes"], arrs["v_codes"], words)
+    else:
+        k4, v4 = qm.repack_int4(arrs["k_codes"], arrs["v_codes"])
     return (k4, arrs["k_scale"], arrs["k_zero"], v4, *(arrs[n] for n in QARGS[4:]))
 
 
-def case(key, b, h, gq, d, g, counts, r, cap=None):
-    """kivi-layout arrays (packed) with per-head counts, their repack, and a query."""
+def case(key, b, h, gq, d, g, counts, r, cap=None, bits=4, words=False):
+    """kivi-layout arrays (packed, `bits`) with per-head counts and residual counts, their
+    repack (int4 layout, or the words layout), and a query."""
     tokens = cap or max(max(c) for c in counts)
-    arrs = random_quantized(key, b, h, tokens, d, 4, g, max(r, 1))
+    arrs = random_quantized(key, b, h, tokens, d, bits, g, max(r, 1))
     arrs["num_quantized"] = jnp.array(counts, jnp.int32)
-    arrs["num_residual"] = jnp.full((b, h), r, jnp.int32)
+    # the window holds r slots; head i of the batch uses r - 13 i of them (partial, some empty)
+    arrs["num_residual"] = jnp.maximum(r - 13 * jnp.arange(b * h).reshape(b, h), 0).astype(
+        jnp.int32)
     q = jax.random.normal(jax.random.fold_in(key, 1), (b, h * gq, d), jnp.bfloat16)
-    return q, arrs, (q, *mgpu_args(arrs))
+    return q, arrs, (q, *mgpu_args(arrs, bits if words else 0))
 
 
-def check_configs(i: int, g: int, gq: int) -> list[dict]:
+def check_configs(i: int, g: int, gq: int, core: bool = False) -> list[dict]:
     """Launch configs checked on CHECKS[i]: all on the first case, then one each in turn plus
     the folds where their limits allow (fold_keys: (64 / G) x Gq <= 16; fold_values: Gv = G =
-    32 here and at most 8 score columns)."""
+    32 here and at most 8 score columns). core: the defaults on every case, plus the residual
+    by jnp and both folds on the first (`--checks core`, for short device time)."""
+    if core:
+        return [{}] + ([{"fuse_residual": True}, {"fold_values": True},
+                        {"fold_keys": True, "fold_values": True}] if i == 0 else [])
     if i == 0:
         return list(CHECK_CONFIGS)
     out = [CHECK_CONFIGS[i % 3]]
@@ -92,24 +109,32 @@ def check_configs(i: int, g: int, gq: int) -> list[dict]:
     return out
 
 
-def checks() -> set[frozenset]:
+WORDS_CONFIGS = ({}, {"block_tokens": 64, "fuse_residual": True},
+                 {"block_tokens": 256, "num_stages": 3})
+
+
+def checks(core: bool = False) -> set[frozenset]:
     """Runs every check; returns the option combinations whose checks failed (the names of the
-    boolean options set True in a failing config; the empty set: the default path failed)."""
+    boolean options set True in a failing config; the empty set: the default path failed;
+    "words4" / "words2": the words layout)."""
     bad: set[frozenset] = set()
     for i, (b, h, gq, d, g, counts, r, splits) in enumerate(CHECKS):
-        q, arrs, mg = case(jax.random.key(10 + i), b, h, gq, d, g, counts, r)
-        cap = mg[1].shape[2]
-        ref = qda.reference(q, *(arrs[k] for k in QARGS))
-        for cfg in check_configs(i, g, gq):
-            out = attempt(f"check {i} {json.dumps(cfg)}", qm.quantized_decode_attention_mgpu,
+        runs = [(4, False, cfg) for cfg in check_configs(i, g, gq, core)]
+        runs += [(bits, True, {} if core else WORDS_CONFIGS[i % 3]) for bits in qm.WORD_BITS]
+        for bits, words, cfg in runs:
+            q, arrs, mg = case(jax.random.key(10 + i), b, h, gq, d, g, counts, r, bits=bits,
+                               words=words)
+            ref = qda.reference(q, *(arrs[k] for k in QARGS))
+            name = f"words{bits} " * words + json.dumps(cfg)
+            out = attempt(f"check {i} {name}", qm.quantized_decode_attention_mgpu,
                           *mg, num_splits=splits, **cfg)
             err = float("nan") if out is None else rel_err(out, ref)
             good = out is not None and err < 1e-2 and bool(
                 jnp.all(jnp.isfinite(out.astype(jnp.float32))))
             if not good:
-                bad.add(_options(cfg))
-            log(f"check b{b} h{h} gq{gq} d{d} G{g} cap{cap} counts {counts} residual {r} "
-                f"splits {splits} {json.dumps(cfg)}: rel err {err:.2e} "
+                bad.add(_options(cfg) | ({f"words{bits}"} if words else set()))
+            log(f"check b{b} h{h} gq{gq} d{d} G{g} cap{arrs['k_codes'].shape[2] * 32 // bits * g}"
+                f" counts {counts} residual {r} splits {splits} {name}: rel err {err:.2e} "
                 f"{'ok' if good else 'FAIL'}")
     return bad
 
@@ -120,10 +145,12 @@ def _options(cfg: dict) -> frozenset:
     return frozenset(k for k, v in full.items() if v is True)
 
 
-def runnable(cfg: dict, bad: set[frozenset]) -> bool:
+def runnable(cfg: dict, bad: set[frozenset], layout: str = "") -> bool:
     """Whether a timing config avoids every option combination whose check failed (a config
-    that sets all the options of a failing check is skipped)."""
-    return not any(combo <= _options(cfg) for combo in bad)
+    that sets all the options of a failing check is skipped); layout "words4" / "words2" for
+    the words layout."""
+    opts = _options(cfg) | ({layout} if layout else set())
+    return not any(combo <= opts for combo in bad)
 
 
 def bench(b: int, ctx: int, budget_end: float, grid=GRID, bad: frozenset = frozenset()
@@ -170,6 +197,32 @@ def bench(b: int, ctx: int, budget_end: float, grid=GRID, bad: frozenset = froze
         row["mgpu " + json.dumps(cfg)] = t * 1e6
         log(f"  mgpu int4 {json.dumps(cfg):36s} {t * 1e6:8.1f} us {qbytes / t / 1e9:6.0f} GB/s "
             f"{row['dense'] / (t * 1e6):5.2f}x dense  err {err}")
+    for bits in (4, 2):  # the words layout (`pack_words`), defaults; int2 next to Triton int2
+        if time.time() > budget_end:
+            break
+        if bits == 2:
+            arrs = random_quantized(jax.random.key(7), b, hkv, ctx - r, d, 2, g, r)
+            qbytes = qda.hbm_bytes(b, hkv, ctx - r, d, 2, g) + b * hkv * r * d * 2 * 2
+            packed = tuple(arrs[n] for n in QARGS)
+            ref = qda.reference(qs[0], *packed) if b * ctx <= 16 * 32768 else None
+            t = time_jax(lambda q, *a: qda.quantized_decode_attention(q, *a), qs, [packed],
+                         reps)
+            row["triton_int2"] = t * 1e6
+            log(f"  triton int2 (default)        {t * 1e6:8.1f} us {qbytes / t / 1e9:6.0f} GB/s "
+                f"{row['dense'] / (t * 1e6):5.2f}x dense  err "
+                f"{err_of(qda.quantized_decode_attention(qs[0], *packed))}")
+        if not runnable({}, bad, f"words{bits}"):
+            log(f"  mgpu words{bits} skipped: its check failed")
+            continue
+        mw = mgpu_args(arrs, bits)
+        f = qm.quantized_decode_attention_mgpu
+        t = attempt(f"mgpu words{bits}", time_jax, lambda q, *a: qm.quantized_decode_attention_mgpu(
+            q, *a), qs, [mw], reps)
+        if t is not None:
+            row[f"mgpu words{bits}"] = t * 1e6
+            log(f"  mgpu words{bits} {{}}                 {t * 1e6:8.1f} us "
+                f"{qbytes / t / 1e9:6.0f} GB/s {row['dense'] / (t * 1e6):5.2f}x dense  "
+                f"err {err_of(f(qs[0], *mw))}")
     return row
 
 
@@ -182,6 +235,8 @@ def main() -> None:
                     help='JSON list of kernel keyword dicts to time instead of GRID, e.g. "[{}]"')
     ap.add_argument("--budget", type=float, default=200.0, help="seconds for the timings")
     ap.add_argument("--no_check", action="store_true")
+    ap.add_argument("--checks", default="all", choices=("all", "core"),
+                    help="core: fewer launch configs per case (check_configs)")
     ap.add_argument("--lower", action="store_true", help="CPU: lower every check for CUDA")
     args = ap.parse_args()
     if args.lower:
@@ -191,6 +246,12 @@ def main() -> None:
                 f = functools.partial(qm.quantized_decode_attention_mgpu, num_splits=splits,
                                       **cfg)
                 jax.jit(f).trace(*mg).lower(lowering_platforms=("cuda",))
+            for bits in qm.WORD_BITS:
+                _, _, mw = case(jax.random.key(i), b, h, gq, d, g, counts, r, bits=bits,
+                                words=True)
+                f = functools.partial(qm.quantized_decode_attention_mgpu, num_splits=splits,
+                                      **WORDS_CONFIGS[i % 3])
+                jax.jit(f).trace(*mw).lower(lowering_platforms=("cuda",))
             print("lowered", CHECKS[i])
         for cfg in GRID:
             _, _, mg = case(jax.random.key(0), 1, 2, 4, 128, 32, ((4096, 4000),), 128)
@@ -200,7 +261,7 @@ def main() -> None:
         return
     os.makedirs(args.out, exist_ok=True)
     log(f"devices {jax.devices()} jax {jax.__version__}")
-    bad = set() if args.no_check else checks()
+    bad = set() if args.no_check else checks(args.checks == "core")
     end = time.time() + args.budget
     grid = tuple(json.loads(args.configs)) if args.configs else GRID
     cells = [(int(b), int(c)) for c in args.contexts.split(",") for b in args.batches.split(",")

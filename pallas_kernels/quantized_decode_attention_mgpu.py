@@ -1,20 +1,34 @@
-"""Decode attention over a KIVI int4 cache on Pallas Mosaic GPU (Hopper TMA + WGMMA), split-K.
+"""Decode attention over a KIVI int4 / int2 cache on Pallas Mosaic GPU (Hopper TMA + WGMMA),
+split-K.
 
 The quantized part is read as int4 codes, 16-bit scales and zero points and dequantized in
-registers (no bf16 copy of the cache is written); the full-precision residual window is a
-separate small jnp pass merged by log-sum-exp. One program per (row, KV head, split) streams
+registers (no bf16 copy of the cache is written). One program per (row, KV head, split) streams
 steps of `block_tokens` tokens (one to four 64-token tiles sharing one online-softmax update)
-through a `num_stages`-deep shared-memory ring filled by TMA:
+through a `num_stages`-deep shared-memory ring filled by TMA. The bf16 residual window is a
+separate jnp pass merged by log-sum-exp (~45 us of a 265 us decode step at 8 x 32k on an H100,
+docs/benchmarks_quant.md), or, with `fuse_residual=True` (ninth session; lowering-checked,
+its GPU check pending), the last split goes on over the window in 64-token steps of the same
+online softmax, its tiles loaded straight into WGMMA registers (`load_tile`), so that one
+launch and one merge cover the whole cache:
 
   keys    S^T = K Q^T: the tile's [64, 64] code chunks are upcast to bf16 by Mosaic GPU
           (`WGMMA_UPCAST_4X` load, relaid out to `WGMMA`), dequantized in registers
           (`dequant`: (code + 8) * scale + zero on bf16 pairs, each thread gathering the scale
           and zero of its own elements) and fed to WGMMA as the register A operand; the query
           heads of the KV head are the N = 16 columns (zero padded).
+          Words layout (k4 / v4 uint32 words, `pack_words`, 4 or 2 bits; ninth session,
+          lowering-checked, its GPU check pending): each 64 x 64 tile is stored in the order
+          the threads hold it in WGMMA registers, so a thread reads its 32 codes with one
+          16-byte (8-byte) shared-memory load and unpacks them with shifts, masks and a
+          magic-number bf16 conversion (`unpack_words`): no Mosaic upcast and its cross-thread
+          shuffles, and 2-bit codes, which Mosaic GPU does not upcast, work.
           With `fold_keys` the key scales and zero points are folded into the query operand
           once per step instead (`fold_key_scales`) and the codes enter WGMMA as upcast;
           with `fold_values` the value scales and zero points go into the probabilities
-          (`fold_value_scales`). Both options are lowering-checked only so far.
+          (`fold_value_scales`). fold_keys is GPU-checked and slower (1.21x against 1.63x
+          of the defaults at 8 x 32k); fold_values failed its GPU check whenever a split
+          streamed two steps (the ninth session's fix, duplicated query columns, awaits its
+          GPU check).
   softmax float32 online softmax per column (log2 domain); tokens >= num_quantized are masked.
   values  O^T = V^T P: channel-major [64, 64] code chunks, dequantized the same way, times the
           probabilities P [64 tokens, 16] stored to shared memory as the B operand, in four
@@ -24,11 +38,13 @@ Layout (B batch, Hkv KV heads, C quantized capacity, D head dim, G token group, 
 group; Ng = C / G):
   q               [B, Hq, D] bf16          Hq = Gq * Hkv, Gq <= 16
   k4              int4[B, Hkv, C, D]        KIVI key code - 8 (signed), token-major
+                  or uint32[B, Hkv, C / 64, D / 64, 2 bits, 64] words (`repack_words`)
   k_scale/k_zero  [B, Hkv, Ng, D] bf16      as `kvjax.quant.kivi`
   v4              int4[B, Hkv, D, C]        KIVI value code - 8, channel-major
+                  or words like k4 of [64 channels, 64 tokens] tiles (token tile first)
   v_scale/v_zero  [B, Hkv, Ng, D // Gv, G] bf16  as `kvjax.quant.kivi`
   num_quantized   int32[B, Hkv]             tokens [0, n) are valid
-  residual_keys/values [B, Hkv, R, D], num_residual int32[B, Hkv] (optional)
+  residual_keys/values [B, Hkv, R, D] (read as bf16), num_residual int32[B, Hkv] (optional)
 `repack_int4` turns `kivi`'s packed uint32 codes (4 bits) into k4 / v4. Constraints: D a
 multiple of 64, C a multiple of block_tokens (64, 128 or 256), G and Gv in (16, 32, 64).
 
@@ -72,9 +88,11 @@ NEG = -1e30
 _LOG2E = math.log2(math.e)
 GROUPS = (16, 32, 64)
 BLOCK_TOKENS = (64, 128, 256)
+WORD_BITS = (2, 4)  # code widths of the words layout (`pack_words`)
 _SWZ128 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 _SWZ_I4 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(32))  # UPCAST_4X loads
 _SWZ_P = (plgpu.TilingTransform((8, N)), plgpu.SwizzleTransform(2 * N))  # [tokens, N] B operands
+_TILE = plgpu.ShapeDtypeStruct((64, 64), jnp.bfloat16, layout=plgpu.Layout.WGMMA)  # register A
 
 
 def register_offsets(shape: tuple[int, int] = (64, 64)) -> list[tuple[int, int]]:
@@ -95,8 +113,121 @@ def register_offsets(shape: tuple[int, int] = (64, 64)) -> list[tuple[int, int]]
     return offs
 
 
-def dequant(a: Array, scale_ref, zero_ref, index, hoisted=None) -> Array:
-    """(a + 8) * scale + zero for a bf16[64, 64] WGMMA-layout array a (upcast signed codes).
+def thread_elements(shape: tuple[int, int] = (64, 64)) -> np.ndarray:
+    """int[128, R, 2, 2]: (row, col) of element e of register r of thread t of a 16-bit array
+    in Mosaic GPU's WGMMA layout (registers in `np.ndindex` order), computed from the layout
+    object the way its `thread_idxs` does, so `pack_words` follows Mosaic's layout, not a copy.
+    """
+    layout = mgpu.WGMMA_LAYOUT
+    strides = layout.tiling.tile_strides(tuple(mgpu.utils.get_contiguous_strides(shape)))
+    tiled_shape = layout.tiled_tiling_shape
+    tiled_strides = strides[-layout.tiled_tiling_rank:]
+
+    def delinearize(i: int, dims) -> list[int]:  # as TiledLayout._delinearize_index
+        sizes = [getattr(d, "times", None) or tiled_shape[d] for d in dims]
+        out = [0] * len(tiled_shape)
+        for d, st, n in zip(dims, mgpu.utils.get_contiguous_strides(sizes), sizes):
+            if isinstance(d, int):
+                out[d] = (i // st) % n
+        return out
+
+    regs = list(np.ndindex(layout.registers_shape(shape)))
+    out = np.zeros((128, len(regs), 2, 2), np.int32)
+    for t in range(128):
+        idx = [a + b for a, b in zip(delinearize(t % 32, layout.lane_dims),
+                                     delinearize((t // 32) % 4, layout.warp_dims))]
+        base = sum(i * st for i, st in zip(idx, tiled_strides))
+        for r, reg in enumerate(regs):
+            row, col = divmod(base + sum(i * st for i, st in zip(reg, strides)), shape[1])
+            out[t, r] = ((row, col), (row, col + 1))
+    return out
+
+
+def pack_words(codes: Array, bits: int) -> Array:
+    """Codes [..., R, C] (unsigned, < 2**bits; R, C multiples of 64) -> uint32 words
+    [..., R / 64, C / 64, 2 bits, 64]: per 64 x 64 tile, the 32 codes that thread t of a
+    warpgroup holds in the WGMMA layout (`thread_elements`), in its `bits` consecutive words
+    (t * bits ... of the tile's 128 * bits): register r's pair in word r // (16 / bits), its two
+    codes at bits (bits * j, 16 + bits * j) for j = r % (16 / bits). A thread reads its tile with
+    one 16-byte (4 bit) or 8-byte (2 bit) shared-memory load and unpacks with shifts and masks
+    (`unpack_words`), no shuffles."""
+    check_word_bits(bits)
+    *lead, r, c = codes.shape
+    if r % 64 or c % 64:
+        raise ValueError(f"pack_words needs both trailing dimensions multiples of 64, got "
+                         f"{codes.shape}")
+    tiles = jnp.swapaxes(codes.reshape(*lead, r // 64, 64, c // 64, 64), -3, -2)
+    el = thread_elements()
+    v = tiles.reshape(*lead, r // 64, c // 64, 4096)[..., el[..., 0] * 64 + el[..., 1]]
+    ppw = 16 // bits  # register pairs per word
+    v = v.astype(jnp.uint32).reshape(*lead, r // 64, c // 64, 128, bits, ppw, 2)
+    lo = bits * np.arange(ppw, dtype=np.uint32)
+    shifts = jnp.asarray(np.stack([lo, lo + 16], axis=-1))  # [ppw, 2]
+    words = (v << shifts).sum(axis=(-2, -1), dtype=jnp.uint32)  # disjoint bits: sum == or
+    return words.reshape(*lead, r // 64, c // 64, 2 * bits, 64)
+
+
+def unpack_words_reference(words: Array, bits: int) -> Array:
+    """jnp inverse of `pack_words`: uint32 [..., R / 64, C / 64, 2 bits, 64] -> codes
+    uint32 [..., R, C]."""
+    *lead, nr, nc, _, _ = words.shape
+    ppw = 16 // bits
+    w = words.reshape(*lead, nr, nc, 128, bits, 1, 1)
+    lo = bits * np.arange(ppw, dtype=np.uint32)
+    shifts = jnp.asarray(np.stack([lo, lo + 16], axis=-1))
+    v = ((w >> shifts) & (2**bits - 1)).reshape(*lead, nr, nc, 128 * 16 * 2)
+    el = thread_elements()
+    pos = (el[..., 0] * 64 + el[..., 1]).reshape(-1)
+    flat = jnp.zeros((*lead, nr, nc, 4096), jnp.uint32).at[..., pos].set(v)
+    tiles = jnp.swapaxes(flat.reshape(*lead, nr, nc, 64, 64), -3, -2)
+    return tiles.reshape(*lead, nr * 64, nc * 64)
+
+
+def check_word_bits(bits) -> None:
+    if bits not in WORD_BITS:
+        raise ValueError(f"bits of the words layout must be one of {WORD_BITS}, got {bits!r}")
+
+
+def unpack_words(ref, bits: int) -> Array:
+    """bf16[64, 64] WGMMA-layout codes (unsigned, exact) of one tile's words (`pack_words`;
+    ref: uint32 [2 bits, 64] untiled shared memory). Each thread loads its `bits` words at once;
+    a pair is (word >> bits j) & mask | 0x43004300, two bf16 128 + code, minus 128."""
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=_TILE)
+    def f(ctx, r):
+        del ctx
+        layout, shape = mgpu.WGMMA_LAYOUT, (64, 64)
+        i32 = ir.IntegerType.get_signless(32)
+        ety = ir.MemRefType(r.type).element_type
+        bf2 = ir.VectorType.get((2,), ir.BF16Type.get())
+        start = arith.index_cast(ir.IndexType.get(), arith.muli(
+            arith.remui(mgpu.utils.thread_idx(), mgpu.utils.c(128, i32)),
+            mgpu.utils.c(bits, i32)))
+        vec = vector.load(ir.VectorType.get((bits,), ety), r,
+                          [arith.divui(start, _c(64)), arith.remui(start, _c(64))])
+        mask = mgpu.utils.c((2**bits - 1) * 0x10001, i32)
+        magic = mgpu.utils.c(0x43004300, i32)
+        c128 = arith.constant(bf2, ir.DenseElementsAttr.get_splat(
+            bf2, ir.FloatAttr.get(ir.BF16Type.get(), 128.0)))
+        ppw = 16 // bits
+        regs = np.empty(layout.registers_shape(shape), dtype=object)
+        for k, reg_idx in enumerate(np.ndindex(regs.shape)):
+            word, j = divmod(k, ppw)
+            w = vector.extract(vec, dynamic_position=[],
+                               static_position=ir.DenseI64ArrayAttr.get([word]))
+            w = mgpu.utils.bitcast(w, i32)
+            if j:
+                w = arith.shrui(w, mgpu.utils.c(bits * j, i32))
+            w = arith.ori(arith.andi(w, mask), magic)
+            regs[reg_idx] = arith.subf(mgpu.utils.bitcast(w, bf2), c128)
+        return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
+
+    return f(ref)
+
+
+def dequant(a: Array, scale_ref, zero_ref, index, hoisted=None, bias: float = 8.0) -> Array:
+    """(a + bias) * scale + zero for a bf16[64, 64] WGMMA-layout array a (upcast signed codes,
+    bias 8; or `unpack_words`' unsigned codes, bias 0).
 
     Each thread gathers the scale and zero pairs of its own element pairs from shared memory
     (untiled refs; columns col, col + 1 adjacent in their last dimension) and applies them with
@@ -111,13 +242,13 @@ def dequant(a: Array, scale_ref, zero_ref, index, hoisted=None) -> Array:
 
     @plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(), plgpu.RefType()),
-        return_type=plgpu.ShapeDtypeStruct((64, 64), jnp.bfloat16, layout=plgpu.Layout.WGMMA))
+        return_type=_TILE)
     def f(ctx, a, s_ref, z_ref):
         del ctx
         layout, shape = mgpu.WGMMA_LAYOUT, (64, 64)
         vty = ir.VectorType.get((2,), ir.BF16Type.get())
-        eight = arith.constant(vty, ir.DenseElementsAttr.get_splat(
-            vty, ir.FloatAttr.get(ir.BF16Type.get(), 8.0)))
+        shift = arith.constant(vty, ir.DenseElementsAttr.get_splat(
+            vty, ir.FloatAttr.get(ir.BF16Type.get(), bias)))
         regs = np.empty(layout.registers_shape(shape), dtype=object)
         if hoisted is None:
             pairs = [(r, (index(row, col),)) for r, (row, col) in
@@ -137,15 +268,16 @@ def dequant(a: Array, scale_ref, zero_ref, index, hoisted=None) -> Array:
                     idx = [arith.addi(x, _c(o)) if o else x for x, o in zip(start, key)]
                     loaded[key] = (vector.load(vty, s_ref, idx), vector.load(vty, z_ref, idx))
                 sc, zc = loaded[key]
-            regs[reg_idx] = arith.addf(arith.mulf(arith.addf(a.registers[reg_idx], eight), sc),
-                                       zc)
+            x = a.registers[reg_idx]
+            x = arith.addf(x, shift) if bias else x
+            regs[reg_idx] = arith.addf(arith.mulf(x, sc), zc)
         return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
 
     return f(a, scale_ref, zero_ref)
 
 
-def fold_key_scales(q_ref, scale_ref, zero_ref, gq: int, groups_per_tile: int
-                    ) -> tuple[Array, Array]:
+def fold_key_scales(q_ref, scale_ref, zero_ref, gq: int, groups_per_tile: int,
+                    period: int = N) -> tuple[Array, Array]:
     """(Q', Z') bf16[64, D] in WGMMA layout: the key scales and zero points of one step folded
     into the query operand, so that the key codes enter WGMMA as they are (`fold_keys`).
 
@@ -155,6 +287,7 @@ def fold_key_scales(q_ref, scale_ref, zero_ref, gq: int, groups_per_tile: int
     (float32 products rounded once), zero for c >= groups_per_tile * gq. Then for a token t of
     group g, sum_ch code[t] Q'[ch] + sum_ch Z'[ch] = q[h] . ((code + 8) * scale + zero): the
     score of column c, valid for the tokens of its own group only (the kernel masks the rest).
+    period 8 (`fold_values`): columns 8 + c repeat columns c (c taken modulo the period).
     q_ref [16, D], scale_ref / zero_ref [G_step, D]: untiled shared memory.
     """
 
@@ -176,7 +309,7 @@ def fold_key_scales(q_ref, scale_ref, zero_ref, gq: int, groups_per_tile: int
         qs = np.empty(layout.registers_shape(shape), dtype=object)
         zs = np.empty(layout.registers_shape(shape), dtype=object)
         for reg_idx, (row, col) in zip(np.ndindex(qs.shape), layout.thread_idxs(shape)):
-            c = arith.remui(row, _c(16))
+            c = arith.remui(arith.remui(row, _c(16)), _c(period))
             lg = arith.divui(c, _c(gq))
             head = arith.remui(c, _c(gq))
             g = arith.addi(arith.muli(arith.divui(row, _c(16)), _c(groups_per_tile)), lg)
@@ -201,13 +334,16 @@ def fold_value_scales(p: Array, scale_ref, zero_ref, chunk: int, tile: int, grou
     chunk (two channel groups of Gv = 32) folded into the probabilities of one tile
     (`fold_values`).
 
-    p float32[64 tokens, 16] holds the probabilities in its columns 0..7; column 8 h + c of the
-    results belongs to the chunk's channel group 2 chunk + h:
-        B[t, 8 h + c] = p[t, c] * scale[t, 2 chunk + h]
-        Bz[t, 8 h + c] = p[t, c] * (zero[t, 2 chunk + h] + 8 * scale[t, 2 chunk + h])
+    p float32[64 tokens, 16] holds the probabilities of score column c in its columns c and
+    8 + c (the kernel duplicates the query columns for this); column 8 h + c of the results
+    belongs to the chunk's channel group 2 chunk + h:
+        B[t, 8 h + c] = p[t, 8 h + c] * scale[t, 2 chunk + h]
+        Bz[t, 8 h + c] = p[t, 8 h + c] * (zero[t, 2 chunk + h] + 8 * scale[t, 2 chunk + h])
     so codes^T B + ones Bz gives, in rows of channel group h of the chunk and columns 8 h + c,
-    sum_t ((code + 8) * scale + zero) p[t, c]. A thread holds columns col0 + {0, 1} and
-    col0 + 8 + {0, 1} of its rows (`register_offsets`), so no value crosses threads.
+    sum_t ((code + 8) * scale + zero) p[t, c]. Every element scales its own probability.
+    (Until the ninth session column 8 + c took p[t, c] from the thread's column-c register while
+    the online-softmax rescale of the accumulator used column 8 + c's own running maximum, that
+    of an empty column: wrong as soon as a split streamed two steps.)
     scale_ref / zero_ref [G_step / G, D / 32, G] (untiled shared memory, `kivi`'s layout);
     token t of the tile is token 64 tile + t of the step.
     """
@@ -222,13 +358,12 @@ def fold_value_scales(p: Array, scale_ref, zero_ref, chunk: int, tile: int, grou
         f32 = ir.F32Type.get()
         f2 = ir.VectorType.get((2,), f32)
         eight = arith.constant(f32, ir.FloatAttr.get(f32, 8.0))
-        offs = register_offsets(shape)
         regs = list(np.ndindex(layout.registers_shape(shape)))
-        by_off = dict(zip(offs, regs))
         bs = np.empty(layout.registers_shape(shape), dtype=object)
         bz = np.empty(layout.registers_shape(shape), dtype=object)
-        for reg, (row, _), (dr, dc) in zip(regs, layout.thread_idxs(shape), offs):
-            src = p.registers[by_off[(dr, dc % 8)]]
+        for reg, (row, _), (_, dc) in zip(regs, layout.thread_idxs(shape),
+                                          register_offsets(shape)):
+            src = p.registers[reg]
             tok = arith.addi(row, _c(tile * T))
             idx = [arith.divui(tok, _c(group)), _c(2 * chunk + dc // 8),
                    arith.remui(tok, _c(group))]
@@ -242,14 +377,42 @@ def fold_value_scales(p: Array, scale_ref, zero_ref, chunk: int, tile: int, grou
     return f(p, scale_ref, zero_ref)
 
 
+def load_tile(ref, transposed: bool = False) -> Array:
+    """bf16[64, 64] in WGMMA layout read by each thread straight from a [64, 64] bf16 global
+    memory ref (the residual window): ref[row, col], or ref[col, row] with `transposed` (values
+    enter WGMMA channel-major). Mosaic GPU's own loads into registers read shared memory only;
+    the residual window is read once per (row, KV head), so plain per-thread loads (pairs of
+    adjacent elements, or two scalars when transposed) replace a TMA ring there."""
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=_TILE)
+    def f(ctx, r):
+        del ctx
+        layout, shape = mgpu.WGMMA_LAYOUT, (64, 64)
+        vty = ir.VectorType.get((2,), ir.BF16Type.get())
+        regs = np.empty(layout.registers_shape(shape), dtype=object)
+        for idx, (row, col) in zip(np.ndindex(regs.shape), layout.thread_idxs(shape)):
+            if transposed:
+                pair = [memref.load(r, [col, row]), memref.load(r, [arith.addi(col, _c(1)), row])]
+                regs[idx] = vector.from_elements(vty, pair)
+            else:
+                regs[idx] = vector.load(vty, r, [row, col])
+        return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
+
+    return f(ref)
+
+
 def _c(v: int):
     return arith.constant(ir.IndexType.get(), v)
 
 
-def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m_ref, l_ref,
-            q_smem, k_smem, ks_smem, kz_smem, v_smem, vs_smem, vz_smem, p_smem, o_smem,
-            m_smem, l_smem, q_bar, k_bar, v_bar, *fold_refs, stages, splits, scale, group,
-            vgroup, block_tokens, hoist_index, fold_keys, fold_values, gq):
+def _kernel(*refs, stages, splits, scale, group, vgroup, block_tokens, hoist_index, fold_keys,
+            fold_values, gq, residual, bits):
+    nin = 11 if residual else 8  # inputs: q, k, ks, kz, v, vs, vz, n (+ rk, rv, nr)
+    q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref = refs[:8]
+    o_ref, m_ref, l_ref = refs[nin:nin + 3]
+    (q_smem, k_smem, ks_smem, kz_smem, v_smem, vs_smem, vz_smem, p_smem, o_smem, m_smem, l_smem,
+     q_bar, k_bar, v_bar, *fold_refs) = refs[nin + 3:]
+    period = 8 if fold_values else N  # score columns 8 + c repeat columns c with fold_values
     b = lax.axis_index("b")
     h = lax.axis_index("h")
     s = lax.axis_index("s")
@@ -267,10 +430,13 @@ def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m
         t0 = (lo + i) * bt
         rows = pl.ds(t0, bt)
         grp = pl.ds(t0 // group, gps)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, h, rows], k_smem.at[slot], k_bar.at[slot])
+        tiles = pl.ds(t0 // T, nt)  # words layout: [tiles, D / 64, 2 bits, 64] per step
+        kv_src = (k_ref.at[b, h, tiles], v_ref.at[b, h, tiles]) if bits else (
+            k_ref.at[b, h, rows], v_ref.at[b, h, :, rows])
+        plgpu.copy_gmem_to_smem(kv_src[0], k_smem.at[slot], k_bar.at[slot])
         plgpu.copy_gmem_to_smem(ks_ref.at[b, h, grp], ks_smem.at[slot], k_bar.at[slot])
         plgpu.copy_gmem_to_smem(kz_ref.at[b, h, grp], kz_smem.at[slot], k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, h, :, rows], v_smem.at[slot], v_bar.at[slot])
+        plgpu.copy_gmem_to_smem(kv_src[1], v_smem.at[slot], v_bar.at[slot])
         plgpu.copy_gmem_to_smem(vs_ref.at[b, h, grp], vs_smem.at[slot], v_bar.at[slot])
         plgpu.copy_gmem_to_smem(vz_ref.at[b, h, grp], vz_smem.at[slot], v_bar.at[slot])
 
@@ -299,13 +465,32 @@ def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m
         a = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
         return plgpu.layout_cast(a, wg).astype(jnp.bfloat16)
 
+    def key_tile(slot, j, ch):  # [64 tokens, 64 channels] codes -> WGMMA registers, + bias
+        if bits:
+            return unpack_words(k_smem.at[slot, j, ch], bits), 0.0
+        return codes(k_smem.at[slot, pl.ds(j * T, T), pl.ds(ch * 64, 64)]), 8.0
+
+    def value_tile(slot, j, ch):  # [64 channels, 64 tokens]
+        if bits:
+            return unpack_words(v_smem.at[slot, j, ch], bits), 0.0
+        return codes(v_smem.at[slot, pl.ds(ch * 64, 64), pl.ds(j * T, T)]), 8.0
+
+    def online_softmax(m, den, scs):  # scores (log2 domain) of one step's tiles
+        peak = functools.reduce(jnp.maximum, scs)
+        m_new = jnp.maximum(m, peak.max(axis=0))
+        alpha = jnp.exp2(m - m_new)
+        ps = [jnp.exp2(sc - lax.broadcast_in_dim(m_new, sc.shape, [1])) for sc in scs]
+        den = den * lax.broadcast_in_dim(alpha, den.shape, [1]) + functools.reduce(jnp.add, ps)
+        return m_new, alpha, ps, den
+
     def step(i, carry):
         m, den, accs = carry
         slot = lax.rem(i, stages)
         t0 = (lo + i) * bt
         plgpu.barrier_wait(k_bar.at[slot])
         if fold_keys:
-            qp, zp = fold_key_scales(qplain_smem, ks_smem.at[slot], kz_smem.at[slot], gq, lpt)
+            qp, zp = fold_key_scales(qplain_smem, ks_smem.at[slot], kz_smem.at[slot], gq, lpt,
+                                     period)
             qp_smem[...] = qp
             zp_smem[...] = zp
             plgpu.commit_smem()
@@ -330,8 +515,8 @@ def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m
                                 arith.addi(col, _c(ch * 64))]
 
                     hoisted = (kidx, lambda dr, dc: (0, dc)) if hoist_index else None
-                    a = dequant(codes(k_smem.at[slot, pl.ds(j * T, T), pl.ds(ch * 64, 64)]),
-                                ks_smem.at[slot], kz_smem.at[slot], kidx, hoisted)
+                    a, bias = key_tile(slot, j, ch)
+                    a = dequant(a, ks_smem.at[slot], kz_smem.at[slot], kidx, hoisted, bias)
                     plgpu.wgmma(acc_ref, a, q_smem.at[:, pl.ds(ch * 64, 64)].T)
                 return acc_ref[...]
 
@@ -339,14 +524,10 @@ def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m
             tok = plgpu.broadcasted_iota(jnp.int32, (T, N), 0, layout=wg)
             ok = tok < length - t0 - j * T
             if fold_keys:  # column l * gq + h scores the tokens of key group l of the tile only
-                column = plgpu.broadcasted_iota(jnp.int32, (T, N), 1, layout=wg)
+                column = plgpu.broadcasted_iota(jnp.int32, (T, N), 1, layout=wg) % period
                 ok = ok & (tok // group == column // gq)
             scs.append(jnp.where(ok, sc * c, -jnp.inf))
-        peak = functools.reduce(jnp.maximum, scs)
-        m_new = jnp.maximum(m, peak.max(axis=0))
-        alpha = jnp.exp2(m - m_new)
-        ps = [jnp.exp2(sc - lax.broadcast_in_dim(m_new, sc.shape, [1])) for sc in scs]
-        den = den * lax.broadcast_in_dim(alpha, den.shape, [1]) + functools.reduce(jnp.add, ps)
+        m_new, alpha, ps, den = online_softmax(m, den, scs)
         if fold_values:  # value scales / zero points into per-chunk B operands
             plgpu.barrier_wait(v_bar.at[slot])
             for j, p in enumerate(ps):
@@ -393,9 +574,9 @@ def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m
                         tok = dc + j * T
                         return (tok // group, 0, tok % group)
 
-                    a = dequant(codes(v_smem.at[slot, pl.ds(ch * 64, 64), pl.ds(j * T, T)]),
-                                vs_smem.at[slot], vz_smem.at[slot], vidx,
-                                (vbase, voff) if hoist_index else None)
+                    a, bias = value_tile(slot, j, ch)
+                    a = dequant(a, vs_smem.at[slot], vz_smem.at[slot], vidx,
+                                (vbase, voff) if hoist_index else None, bias)
                     for kk in range(T // 16):
                         plgpu.wgmma(acc_ref, a[:, kk * 16:(kk + 1) * 16],
                                     p_smem.at[pl.ds(j * T + kk * 16, 16)])
@@ -405,6 +586,43 @@ def _kernel(q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref, o_ref, m
         return m_new, den, tuple(new)
 
     m, den, accs = lax.fori_loop(0, n, step, (m, den, accs))
+    if residual:  # the last split goes on over the bf16 residual window, 64 tokens a step
+        rk_ref, rv_ref, nr_ref = refs[8:11]
+        nres = jnp.where(s == splits - 1, nr_ref[b, h], 0)
+
+        def rstep(i, carry):
+            m, den, accs = carry
+            t0 = i * T
+
+            def qk(acc_ref):
+                for ch in range(d // 64):
+                    a = load_tile(rk_ref.at[b, h, pl.ds(t0, T), pl.ds(ch * 64, 64)])
+                    plgpu.wgmma(acc_ref, a, q_smem.at[:, pl.ds(ch * 64, 64)].T)
+                return acc_ref[...]
+
+            sc = pl.run_scoped(qk, plgpu.ACC((T, N), jnp.float32))
+            ok = plgpu.broadcasted_iota(jnp.int32, (T, N), 0, layout=wg) < nres - t0
+            if fold_keys:  # the window's tokens count in the columns of key group 0
+                column = plgpu.broadcasted_iota(jnp.int32, (T, N), 1, layout=wg) % period
+                ok = ok & (column < gq)
+            m_new, alpha, (p,), den = online_softmax(m, den, [jnp.where(ok, sc * c, -jnp.inf)])
+            # plain P also serves fold_values' accumulators: its columns 8 + c repeat columns c
+            p_smem[pl.ds(0, T)] = p.astype(jnp.bfloat16)
+            plgpu.commit_smem()
+            new = []
+            for ch, acc in enumerate(accs):
+
+                def pv(acc_ref, ch=ch):
+                    a = load_tile(rv_ref.at[b, h, pl.ds(t0, T), pl.ds(ch * 64, 64)], True)
+                    for kk in range(T // 16):
+                        plgpu.wgmma(acc_ref, a[:, kk * 16:(kk + 1) * 16],
+                                    p_smem.at[pl.ds(kk * 16, 16)])
+
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+                new.append(pl.run_state(pv)(plgpu.ACC.init(acc)))
+            return m_new, den, tuple(new)
+
+        m, den, accs = lax.fori_loop(0, (nres + T - 1) // T, rstep, (m, den, accs))
     for ch, acc in enumerate(accs):
         o_smem[pl.ds(ch * 64, 64)] = acc
     m_smem[...] = m * (1.0 / _LOG2E)
@@ -437,17 +655,35 @@ def default_block_tokens(capacity: int) -> int:
     return 128 if capacity % 128 == 0 else 64
 
 
+def words_bits(k_codes: Array) -> int:
+    """The code width of a words-layout key array (uint32 [B, Hkv, C / 64, D / 64, 2 bits, 64],
+    `pack_words`), 0 for the int4 layout."""
+    return k_codes.shape[4] // 2 if k_codes.dtype == jnp.uint32 and k_codes.ndim == 6 else 0
+
+
 def _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_splits,
            num_stages, block_tokens) -> tuple[int, int]:
     """Raises for inputs this kernel does not take; returns (G, Gv)."""
     if q.ndim != 3 or q.dtype != jnp.bfloat16:
         raise ValueError(f"q must be bf16[batch, query_heads, head_dim], got {q.dtype}{q.shape}")
     b, hq, d = q.shape
-    if k4.ndim != 4 or k4.dtype != jnp.int4 or k4.shape[0] != b or k4.shape[3] != d:
-        raise ValueError(f"k4 must be int4[{b}, Hkv, C, {d}], got {k4.dtype}{k4.shape}")
-    _, hkv, cap, _ = k4.shape
-    if v4.shape != (b, hkv, d, cap) or v4.dtype != jnp.int4:
-        raise ValueError(f"v4 must be int4{(b, hkv, d, cap)}, got {v4.dtype}{v4.shape}")
+    if k4.dtype == jnp.uint32:  # the words layout
+        if (k4.ndim != 6 or k4.shape[0] != b or k4.shape[3] * 64 != d or k4.shape[5] != 64
+                or k4.shape[4] // 2 not in WORD_BITS or k4.shape[4] % 2):
+            raise ValueError(f"k4 as words must be uint32[{b}, Hkv, C / 64, {d // 64}, 2 bits, "
+                             f"64] with bits in {WORD_BITS} (`pack_words`), got "
+                             f"{k4.dtype}{k4.shape}")
+        hkv, cap = k4.shape[1], k4.shape[2] * T
+        if v4.shape != k4.shape or v4.dtype != jnp.uint32:
+            raise ValueError(f"v4 as words must be uint32{k4.shape} like k4, got "
+                             f"{v4.dtype}{v4.shape}")
+    else:
+        if k4.ndim != 4 or k4.dtype != jnp.int4 or k4.shape[0] != b or k4.shape[3] != d:
+            raise ValueError(f"k4 must be int4[{b}, Hkv, C, {d}] or uint32 words, got "
+                             f"{k4.dtype}{k4.shape}")
+        _, hkv, cap, _ = k4.shape
+        if v4.shape != (b, hkv, d, cap) or v4.dtype != jnp.int4:
+            raise ValueError(f"v4 must be int4{(b, hkv, d, cap)}, got {v4.dtype}{v4.shape}")
     if hq % hkv or hq // hkv > N:
         raise ValueError(f"query heads per KV head must divide evenly and be <= {N}, got "
                          f"{hq} / {hkv}")
@@ -489,19 +725,39 @@ def _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_split
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "num_stages",
                                              "block_tokens", "hoist_index", "fold_keys",
                                              "fold_values"))
-def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, *, scale,
-              num_splits, num_stages, block_tokens, hoist_index, fold_keys, fold_values):
+def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, residual_keys=None,
+              residual_values=None, num_residual=None, *, scale, num_splits, num_stages,
+              block_tokens, hoist_index, fold_keys, fold_values):
     b, _, d = q.shape
-    hkv, cap = k4.shape[1], k4.shape[2]
+    bits = words_bits(k4)
+    hkv, cap = k4.shape[1], k4.shape[2] * (T if bits else 1)
     g, vg = cap // k_scale.shape[2], d // v_scale.shape[3]
     qg, gq, _ = pad_query_groups(q, hkv, N)  # [B, Hkv, N, D]: Gq <= N is checked
+    if fold_values:  # columns 8 + c repeat columns c (Gq <= 8 is checked): `fold_value_scales`
+        qg = jnp.concatenate([qg[:, :, :8]] * 2, axis=2)
     bt = block_tokens
     gps = bt // g
     f32, bf16 = jnp.float32, jnp.bfloat16
+    residual = residual_keys is not None
+    args = [qg, k4, k_scale, k_zero, v4, v_scale, v_zero,
+            jnp.clip(num_quantized.astype(jnp.int32), 0, cap)]
+    if residual:  # bf16, padded to whole 64-token tiles; counts past the window mean all of it
+        w = residual_keys.shape[2]
+        pad = ((0, 0), (0, 0), (0, -w % T), (0, 0))
+        args += [jnp.pad(residual_keys.astype(bf16), pad),
+                 jnp.pad(residual_values.astype(bf16), pad),
+                 jnp.clip(num_residual.astype(jnp.int32), 0, w)]
     kernel = functools.partial(_kernel, stages=num_stages, splits=num_splits, scale=scale,
                                group=g, vgroup=vg, block_tokens=bt, hoist_index=hoist_index,
-                               fold_keys=fold_keys, fold_values=fold_values, gq=gq)
+                               fold_keys=fold_keys, fold_values=fold_values, gq=gq,
+                               residual=residual, bits=bits)
     st = num_stages
+    p_rows = (T if residual else 16) if fold_values else bt  # P's rows in shared memory
+    if bits:  # whole tiles of words, untiled (each thread loads its own words)
+        kv_smem = [plgpu.SMEM((st, bt // T, d // 64, 2 * bits, 64), jnp.uint32)] * 2
+    else:
+        kv_smem = [plgpu.SMEM((st, bt, d), jnp.int4, transforms=_SWZ_I4),
+                   plgpu.SMEM((st, d, bt), jnp.int4, transforms=_SWZ_I4)]
     o, m, den = plgpu.kernel(
         kernel,
         out_type=[jax.ShapeDtypeStruct((b, hkv, num_splits, d, N), f32),
@@ -509,11 +765,11 @@ def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, *, sca
                   jax.ShapeDtypeStruct((b, hkv, num_splits, N), f32)],
         scratch_types=[
             plgpu.SMEM((N, d), bf16, transforms=_SWZ128),
-            plgpu.SMEM((st, bt, d), jnp.int4, transforms=_SWZ_I4),
+            kv_smem[0],
             plgpu.SMEM((st, gps, d), bf16), plgpu.SMEM((st, gps, d), bf16),
-            plgpu.SMEM((st, d, bt), jnp.int4, transforms=_SWZ_I4),
+            kv_smem[1],
             plgpu.SMEM((st, gps, d // vg, g), bf16), plgpu.SMEM((st, gps, d // vg, g), bf16),
-            plgpu.SMEM((16 if fold_values else bt, N), bf16, transforms=_SWZ_P),  # P
+            plgpu.SMEM((p_rows, N), bf16, transforms=_SWZ_P),  # P
             plgpu.SMEM((d, N), f32), plgpu.SMEM((N,), f32), plgpu.SMEM((N,), f32),
             plgpu.Barrier(num_arrivals=2 if fold_keys else 1, num_barriers=1),
             plgpu.Barrier(num_arrivals=3, num_barriers=st),
@@ -524,7 +780,7 @@ def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, *, sca
         grid=(b, hkv, num_splits),
         grid_names=("b", "h", "s"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(qg, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized.astype(jnp.int32))
+    )(*args)
     o = jnp.swapaxes(o, 3, 4)  # [B, Hkv, S, N, D]
     if fold_values:  # rows of channel group h of each chunk hold their result in columns 8 h + c
         o = o.reshape(b, hkv, num_splits, 2, 8, d // 64, 2, 32)
@@ -572,6 +828,7 @@ def quantized_decode_attention_mgpu(
     hoist_index: bool = True,
     fold_keys: bool = False,
     fold_values: bool = False,
+    fuse_residual: bool = False,
 ) -> Array:
     """[B, Hq, D] decode attention over an int4 cache in the layout of the module doc.
 
@@ -591,21 +848,22 @@ def quantized_decode_attention_mgpu(
     fold_keys: fold the key scales and zero points into the query operand once per step
       (`fold_key_scales`) instead of dequantizing the key codes: keys cost the upcast only.
       Each score column is (key group l of a tile, query head), so (64 / G) x Gq <= 16 is
-      required. Needs block_tokens >= 128 (with fold_values at 64-token steps the GPU check
-      failed, rel. error 5.9e-2, so 64 is refused for both folds until that is found).
+      required.
     fold_values: fold the value scales and zero points into the probabilities
       (`fold_value_scales`: per 64-channel chunk, B = P * scale and Bz = P * zero' with the
-      two channel groups of the chunk in column halves) instead of dequantizing the value
-      codes. Needs Gv = 32, at most 8 score columns (Gq, or (64 / G) x Gq with fold_keys) and
-      block_tokens >= 128.
+      two channel groups of the chunk in column halves, the query columns duplicated into
+      both halves) instead of dequantizing the value codes. Needs Gv = 32 and at most 8 score
+      columns (Gq, or (64 / G) x Gq with fold_keys).
+    fuse_residual: the last split goes on over the residual window inside the kernel (module
+      doc; lowering-checked, GPU check pending, hence off by default); False: the window is
+      a separate jnp pass (`window_partials`) merged with the kernel's partials.
     Defaults: the fastest measured at 8 x 32k on an H100 (docs/benchmarks_quant.md).
     """
     g, vg = _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_splits,
                    num_stages, block_tokens)
     gq = q.shape[1] // k4.shape[1]
-    if (fold_keys or fold_values) and block_tokens < 128:
-        raise ValueError(f"fold_keys / fold_values need block_tokens >= 128, got {block_tokens} "
-                         "(both folds at 64-token steps failed their GPU check)")
+    if words_bits(k4) and (fold_keys or fold_values):
+        raise ValueError("fold_keys / fold_values take the int4 layout (k4 int4), not words")
     if fold_keys and (T // g) * gq > N:
         raise ValueError(f"fold_keys needs (64 / group size) x query heads per KV head <= {N}, "
                          f"got (64 / {g}) x {gq}")
@@ -620,12 +878,15 @@ def quantized_decode_attention_mgpu(
         raise ValueError(f"num_residual must be {list(num_quantized.shape)}, got "
                          f"{num_residual.shape}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    res = (residual_keys, residual_values, num_residual)
+    window = residual_keys is not None and residual_keys.shape[2] > 0
     o, m, den = _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized,
+                          *(res if window and fuse_residual else (None,) * 3),
                           scale=scale, num_splits=num_splits, num_stages=num_stages,
                           block_tokens=block_tokens, hoist_index=bool(hoist_index),
                           fold_keys=bool(fold_keys), fold_values=bool(fold_values))
-    if residual_keys is not None:
-        ro, rm, rl = window_partials(q, residual_keys, residual_values, num_residual, scale)
+    if window and not fuse_residual:
+        ro, rm, rl = window_partials(q, *res, scale)
         o, m, den = (jnp.concatenate(x, axis=2) for x in ((o, ro), (m, rm), (den, rl)))
     return merge_partials(o, m, den).reshape(q.shape).astype(q.dtype)
 
@@ -641,6 +902,23 @@ def repack_int4(k_codes: Array, v_codes: Array) -> tuple[Array, Array]:
         return to_int4(c.reshape(c.shape[0], c.shape[1], -1, c.shape[-1]))
 
     return tokens(k_codes), jnp.swapaxes(tokens(v_codes), 2, 3)
+
+
+def repack_words(k_codes: Array, v_codes: Array, bits: int) -> tuple[Array, Array]:
+    """`kivi`'s packed codes (uint32[B, H, Nb, G, D], 4 or 2 bits) -> the words layout
+    (`pack_words`) of keys (tiles [64 tokens, 64 channels]) and values (tiles [64 channels,
+    64 tokens]), both uint32 [B, H, C / 64, D / 64, 2 bits, 64] indexed (token tile, channel
+    tile); C = Nb * (32 / bits) * G must be a multiple of 64."""
+    from kvjax.quant import packing  # noqa: PLC0415 - kvjax imports pallas_kernels
+
+    check_word_bits(bits)
+
+    def tokens(words):  # [B, H, C, D] unsigned codes in token order
+        c = packing.unpack(words, bits)
+        return c.reshape(c.shape[0], c.shape[1], -1, c.shape[-1]).astype(jnp.uint32)
+
+    vw = pack_words(jnp.swapaxes(tokens(v_codes), 2, 3), bits)  # [B, H, D/64, C/64, ...]
+    return pack_words(tokens(k_codes), bits), jnp.swapaxes(vw, 2, 3)
 
 
 def reference_mgpu_layout(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized,

@@ -66,12 +66,70 @@ def test_window_partials_merge_to_softmax():
 @pytest.mark.parametrize("i", range(len(bqm.CHECKS)))
 def test_lowers_for_cuda(i):
     b, h, gq, d, g, counts, r, splits = bqm.CHECKS[i]
-    _, _, mg = bqm.case(jax.random.key(i), b, h, gq, d, g, counts, r)
-    specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in mg]
-    for cfg in bqm.check_configs(i, g, gq):
+    runs = [(4, False, cfg) for cfg in bqm.check_configs(i, g, gq)]
+    runs += [(bits, True, bqm.WORDS_CONFIGS[i % 3]) for bits in qm.WORD_BITS]
+    for bits, words, cfg in runs:
+        _, _, mg = bqm.case(jax.random.key(i), b, h, gq, d, g, counts, r, bits=bits,
+                            words=words)
+        specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in mg]
         f = functools.partial(qm.quantized_decode_attention_mgpu, num_splits=splits, **cfg)
         text = jax.jit(f).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text
+
+
+def test_thread_elements_is_the_mma_fragment_layout():
+    """Thread t = 32 w + l holds rows 16 w + l // 4 (+ 8) and columns 2 (l % 4) + 8 k (+ 1):
+    the layout `pack_words` writes and each thread reads back (from Mosaic's layout object)."""
+    el = qm.thread_elements()
+    t = np.arange(128)
+    w, lane = t // 32, t % 32
+    np.testing.assert_array_equal(el[:, 0, 0, 0], 16 * w + lane // 4)
+    np.testing.assert_array_equal(el[:, 0, 0, 1], 2 * (lane % 4))
+    offsets = np.broadcast_to(np.array(qm.register_offsets()), (128, 16, 2))
+    np.testing.assert_array_equal(el[:, :, 0] - el[:, :1, 0], offsets)
+    np.testing.assert_array_equal(el[:, :, 1] - el[:, :, 0], np.broadcast_to([0, 1], (128, 16, 2)))
+    assert sorted((el[..., 0] * 64 + el[..., 1]).ravel()) == list(range(4096))
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_pack_words_bit_layout(bits):
+    """Decode the words the way `unpack_words` does in the kernel (thread t's words
+    t * bits ... of its tile; register k: word k // (16 / bits), shift bits * (k % (16 / bits)),
+    low and high half) and find every code at its (row, col) of the tile."""
+    codes = jax.random.randint(jax.random.key(bits), (2, 128, 192), 0, 2**bits).astype(
+        jnp.uint32)
+    words = np.asarray(qm.pack_words(codes, bits))
+    assert words.shape == (2, 2, 3, 2 * bits, 64) and words.dtype == np.uint32
+    el = qm.thread_elements()
+    ppw, mask = 16 // bits, 2**bits - 1
+    got = np.zeros(codes.shape, np.uint32)
+    for i, tr, tc in np.ndindex(2, 2, 3):
+        flat = words[i, tr, tc].reshape(-1)
+        for t in range(128):
+            for k in range(16):
+                w = int(flat[t * bits + k // ppw]) >> (bits * (k % ppw))
+                for e, val in enumerate((w & mask, (w >> 16) & mask)):
+                    row, col = el[t, k, e]
+                    got[i, 64 * tr + row, 64 * tc + col] = val
+    np.testing.assert_array_equal(got, np.asarray(codes))
+    np.testing.assert_array_equal(qm.unpack_words_reference(jnp.asarray(words), bits), codes)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_repack_words_holds_the_packed_codes(bits):
+    """Key tile (i, j) holds tokens 64 i.., channels 64 j..; value tile (i, j) the same tokens
+    and channels, channel-major (rows = channels)."""
+    from kvjax.quant import packing
+
+    per = 32 // bits
+    codes = jax.random.randint(jax.random.key(5), (1, 2, 2 * per, 32, 128), 0, 2**bits)
+    words = packing.pack(codes.astype(jnp.uint32), bits)
+    kw, vw = qm.repack_words(words, words, bits)
+    flat = codes.reshape(1, 2, -1, 128).astype(jnp.uint32)  # [B, H, C, D] token order
+    assert kw.shape == vw.shape == (1, 2, flat.shape[2] // 64, 2, 2 * bits, 64)
+    np.testing.assert_array_equal(qm.unpack_words_reference(kw, bits), flat)
+    vt = qm.unpack_words_reference(jnp.swapaxes(vw, 2, 3), bits)  # [B, H, D, C]
+    np.testing.assert_array_equal(vt, jnp.swapaxes(flat, 2, 3))
 
 
 def test_rejects_bad_input():
@@ -117,8 +175,17 @@ def test_rejects_bad_input():
         f(q, k4, ks, kz, v4, vs[:, :, :, :2], vz[:, :, :, :2], n, fold_values=True)
     with pytest.raises(ValueError, match="num_residual must be"):
         f(*mg[:8], rk, rv, rn[:1, :1])
-    with pytest.raises(ValueError, match="need block_tokens >= 128"):  # failed on the GPU
-        f(*mg[:8], fold_keys=True, fold_values=True, block_tokens=64)
+    _, _, mw = bqm.case(jax.random.key(0), 1, 2, 4, 128, 32, ((256, 100),), 8, words=True)
+    with pytest.raises(ValueError, match="take the int4 layout"):
+        f(*mw[:8], fold_keys=True)
+    with pytest.raises(ValueError, match="k4 as words must be"):  # 3 words: no such width
+        f(q, mw[1][..., :6, :], *mw[2:8])
+    with pytest.raises(ValueError, match="v4 as words must be"):
+        f(q, mw[1], ks, kz, mw[4][:, :, :1], vs, vz, n)
+    with pytest.raises(ValueError, match="bits of the words layout"):
+        qm.pack_words(jnp.zeros((64, 64), jnp.uint32), 8)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        qm.pack_words(jnp.zeros((32, 64), jnp.uint32), 4)
 
 
 def test_bench_skips_options_that_failed_their_checks():
