@@ -577,6 +577,69 @@ def test_int4_layout_dispatches_to_the_hopper_kernel(monkeypatch):
     assert qm.default_block_tokens(384) == 128 and qm.default_block_tokens(320) == 64
 
 
+# --- words layout (per-thread WGMMA order, the Hopper kernel's int4 / int2 input) ------------
+
+
+@pytest.mark.parametrize("bits,g", [(4, 16), (4, 32), (4, 64), (2, 32), (2, 64)])
+def test_words_layout_holds_the_packed_codes(bits, g):
+    """layout="words" stores `repack_words` of the packed layout's codes, the same scales and
+    bytes, and dequantizes equally; writes that flush groups (ragged heads, one head empty)
+    and grow keep it equal to the packed layout."""
+    from pallas_kernels.quantized_decode_attention_mgpu import repack_words
+
+    dense = _dense(21, 2, 2, 300, 64, [[300, 201], [77, 0]])
+    packed = from_dense(dense, bits, g, 2 * g)
+    qw = from_dense(dense, bits, g, 2 * g, layout="words")
+    cq = packed.quantized_capacity
+    assert qw.words_layout and not packed.words_layout and not qw.int4_layout
+    assert qw.k_codes.shape == qw.v_codes.shape == (2, 2, cq // 64, 1, 2 * bits, 64)
+    assert (qw.bits, qw.group_size, qw.head_dim, qw.capacity) == (bits, g, 64, packed.capacity)
+    kw, vw = repack_words(packed.k_codes, packed.v_codes, bits)
+    np.testing.assert_array_equal(np.asarray(qw.k_codes), np.asarray(kw))
+    np.testing.assert_array_equal(np.asarray(qw.v_codes), np.asarray(vw))
+    for a, b in zip(jax.tree.leaves(packed.to_dense()), jax.tree.leaves(qw.to_dense())):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert nbytes(qw) == nbytes(packed)
+    rng = np.random.default_rng(22)
+    new = jnp.asarray(rng.normal(size=(2, 2, 3 * g, 64)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(3 * g, dtype=jnp.int32) + 1000, (2, 3 * g))
+    nq0 = packed.num_quantized
+    packed, qw = (x.grow(x.capacity + 3 * g).write(new, new * 0.5, pos) for x in (packed, qw))
+    assert int((packed.num_quantized - nq0).min()) >= g  # every head flushed a group
+    np.testing.assert_array_equal(np.asarray(qw.num_quantized), np.asarray(packed.num_quantized))
+    for a, b in zip(packed.codes(), qw.codes()):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for name in ("k_scale", "v_zero", "quant_positions", "residual_keys", "num_residual"):
+        np.testing.assert_array_equal(np.asarray(getattr(qw, name)),
+                                      np.asarray(getattr(packed, name)))
+
+
+def test_words_layout_decodes_like_packed(tmp_path):
+    """generate with kivi(bits, layout="words") == the packed layout (head dim 64): same
+    tokens and the same caches through decoding flushes, at 4 and 2 bits; saved and restored."""
+    model = Llama(LlamaConfig.tiny(eos_token_id=None, head_dim=64), rngs=nnx.Rngs(3))
+    tokens, lengths = PROMPTS[:2, :40], np.array([40, 29])
+    run = functools.partial(kvjax.generate, model, tokens, 40, lengths=lengths,
+                            return_cache=True)
+    for bits in (4, 2):
+        out_p, packed = run(compressor=kivi(bits, 32, 32))
+        out_w, words = run(compressor=kivi(bits, 32, 32, layout="words"))
+        np.testing.assert_array_equal(np.asarray(out_w), np.asarray(out_p))
+        assert int(words.layers[0].num_quantized.min()) >= 32  # decoding flushed groups
+        for lp, lw in zip(packed.layers, words.layers):
+            assert lw.words_layout and lw.bits == bits
+            for a, b in zip(lp.codes(), lw.codes()):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            for name in ("k_scale", "v_zero", "quant_positions", "num_quantized"):
+                np.testing.assert_array_equal(np.asarray(getattr(lw, name)),
+                                              np.asarray(getattr(lp, name)))
+    kvjax.cache.save(tmp_path / "c", words)
+    back = kvjax.cache.restore(tmp_path / "c")
+    for a, b in zip(jax.tree.leaves(words), jax.tree.leaves(back)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 
@@ -601,6 +664,12 @@ def test_bad_arguments(model):
         kivi(2, layout="int4")
     with pytest.raises(ValueError, match="bits must be 4"):
         from_dense(_dense(0, 1, 1, 8, 8, [[8]]), 8, 8, 8, layout="int4")
+    with pytest.raises(ValueError, match='layout="words" takes bits 4'):
+        kivi(8, 32, layout="words")
+    with pytest.raises(ValueError, match='layout="words" takes bits 4'):
+        kivi(2, 16, 32, layout="words")  # 2-bit words span 32 value tokens
+    with pytest.raises(ValueError, match="multiple of 64"):
+        kvjax.generate(model, PROMPTS[:1, :8], 2, compressor=kivi(4, 16, 16, layout="words"))
     qc = from_dense(_dense(0, 1, 1, 8, 8, [[8]]), 2, 8, 8)
     with pytest.raises(TypeError, match="dense LayerCache"):
         kivi(2, 8, 8).prefill(qc, None, ())

@@ -30,6 +30,14 @@ The int4 layout (`kivi(bits=4, layout="int4")`, for the Hopper kernel
 int4 (code - 8), keys token-major and values channel-major; everything else is as above:
   k_codes               int4[B, H, Ng * G, D]
   v_codes               int4[B, H, D, Ng * G]
+The words layout (`kivi(bits, layout="words")`, 4 or 2 bits, head dim a multiple of 64, G in
+16 / 32 / 64 at 4 bits and 32 / 64 at 2 bits) stores the codes of each 64 x 64 tile (keys:
+64 tokens x 64 channels; values: 64 channels x 64 tokens) in the order the threads of a
+Hopper warpgroup hold them in WGMMA registers (`quantized_decode_attention_mgpu.pack_words`:
+one 16- or 8-byte load per thread and tile, unpacked with shifts and masks, no Mosaic upcast,
+so 2 bits work too):
+  k_codes, v_codes      uint32[B, H, Ng * G / 64, D / 64, 2 * bits, 64]
+A flush writes whole words (a group of G tokens owns whole words of its tile at these G).
 Bits, G, R, Hp and the layout follow from the array shapes and dtypes (no static fields), so
 save/restore is plain arrays. Token slots (`capacity`, `positions`) are the quantized slots
 followed by the residual slots; a slot holds a token iff its position is >= 0.
@@ -95,15 +103,22 @@ class QuantizedLayerCache:
         return self.k_codes.dtype == jnp.int4
 
     @property
+    def words_layout(self) -> bool:
+        """True for the words layout (module docstring: per-thread WGMMA order)."""
+        return self.k_codes.ndim == 6
+
+    @property
     def bits(self) -> int:
         if self.int4_layout:
             return 4
+        if self.words_layout:
+            return self.k_codes.shape[4] // 2
         return 32 // (self.k_scale.shape[2] // self.k_codes.shape[2])
 
     @property
     def group_size(self) -> int:
-        if self.int4_layout:
-            return self.k_codes.shape[2] // self.k_scale.shape[2]
+        if self.int4_layout or self.words_layout:
+            return self.quantized_capacity // self.k_scale.shape[2]
         return self.k_codes.shape[3]
 
     @property
@@ -120,7 +135,7 @@ class QuantizedLayerCache:
 
     @property
     def head_dim(self) -> int:
-        return self.k_codes.shape[-1]
+        return self.k_scale.shape[-1]
 
     @property
     def quantized_capacity(self) -> int:
@@ -182,6 +197,9 @@ class QuantizedLayerCache:
             k_codes = pad(self.k_codes, extra * g, -8)
             v_codes = jnp.pad(self.v_codes, [(0, 0)] * 3 + [(0, extra * g)],
                               constant_values=-8)
+        elif self.words_layout:  # whole 64-token tiles (P * G is a multiple of 64)
+            tiles = extra * g // 64
+            k_codes, v_codes = pad(self.k_codes, tiles), pad(self.v_codes, tiles)
         else:
             k_codes, v_codes = pad(self.k_codes, extra // per), pad(self.v_codes, extra // per)
         return self.replace(
@@ -212,6 +230,8 @@ class QuantizedLayerCache:
         b, h, _, d = self.k_scale.shape
         if self.int4_layout:
             return from_int4(self.k_codes), jnp.swapaxes(from_int4(self.v_codes), 2, 3)
+        if self.words_layout:
+            return from_words(self.k_codes, self.v_codes, self.bits)
         kc = packing.unpack(self.k_codes, self.bits).reshape(b, h, -1, d)
         return kc, packing.unpack(self.v_codes, self.bits).reshape(b, h, -1, d)
 
@@ -265,6 +285,23 @@ def from_int4(codes: Array) -> Array:
     return (codes.astype(jnp.int32) + 8).astype(jnp.uint32)
 
 
+def to_words(kc: Array, vc: Array, bits: int) -> tuple[Array, Array]:
+    """Codes [B, H, C, D] (keys, values; unsigned, token order) -> the words layout's
+    (k_codes, v_codes), uint32 [B, H, C / 64, D / 64, 2 bits, 64]."""
+    from pallas_kernels.quantized_decode_attention_mgpu import pack_words  # noqa: PLC0415
+
+    vw = pack_words(jnp.swapaxes(vc, 2, 3), bits)  # [B, H, D / 64, C / 64, ...]
+    return pack_words(kc, bits), jnp.swapaxes(vw, 2, 3)
+
+
+def from_words(k_codes: Array, v_codes: Array, bits: int) -> tuple[Array, Array]:
+    """Inverse of `to_words`: uint32 codes [B, H, C, D] of keys and values."""
+    from pallas_kernels.quantized_decode_attention_mgpu import unpack_words_reference  # noqa: PLC0415
+
+    vt = unpack_words_reference(jnp.swapaxes(v_codes, 2, 3), bits)
+    return unpack_words_reference(k_codes, bits), jnp.swapaxes(vt, 2, 3)
+
+
 def _valid_positions(c: QuantizedLayerCache) -> Array:
     qvalid = jnp.arange(c.quantized_capacity)[None, None] < c.num_quantized[:, :, None]
     rvalid = jnp.arange(c.residual_size)[None, None] < c.num_residual[:, :, None]
@@ -275,17 +312,22 @@ def _valid_positions(c: QuantizedLayerCache) -> Array:
     )
 
 
-LAYOUTS = ("packed", "int4")
+LAYOUTS = ("packed", "int4", "words")
+WORDS_GROUPS = {4: (16, 32, 64), 2: (32, 64)}  # G owning whole words of its 64-token tile
 
 
 def check_config(bits: Any, group_size: Any, residual: Any, layout: Any = "packed") -> None:
     """ValueError unless bits in {2, 4, 8}, group_size >= 1, residual a multiple of it and
-    layout "packed" or (4 bits only) "int4"."""
+    layout "packed", (4 bits only) "int4" or (4 or 2 bits, G in `WORDS_GROUPS`) "words"."""
     packing.check_bits(bits)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "int4" and bits != 4:
         raise ValueError(f'layout="int4" stores 4-bit codes: bits must be 4, got {bits}')
+    if layout == "words" and group_size not in WORDS_GROUPS.get(bits, ()):
+        raise ValueError(f'layout="words" takes bits 4 with group_size in {WORDS_GROUPS[4]} or '
+                         f"bits 2 with group_size in {WORDS_GROUPS[2]}, got bits {bits}, "
+                         f"group_size {group_size!r}")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if not isinstance(residual, int) or isinstance(residual, bool):
@@ -297,12 +339,15 @@ def check_config(bits: Any, group_size: Any, residual: Any, layout: Any = "packe
         )
 
 
-def _check_head_dim(head_dim: int, group_size: int) -> None:
+def _check_head_dim(head_dim: int, group_size: int, layout: str = "packed") -> None:
     if head_dim % group_size:
         raise ValueError(
             f"group_size ({group_size}) must divide the head dim ({head_dim}): values are "
             "quantized in groups of group_size channels"
         )
+    if layout == "words" and head_dim % 64:
+        raise ValueError(f'layout="words" needs a head dim that is a multiple of 64 (64 x 64 '
+                         f"tiles), got {head_dim}")
 
 
 def from_dense(
@@ -326,7 +371,8 @@ def from_dense(
     docstring); every head of a row must then hold the same lengths and positions, which is
     checked (ValueError) when `layer` is concrete, i.e. called outside jit.
 
-    layout: "packed" (uint32 words) or, at 4 bits, "int4" (module docstring).
+    layout: "packed" (uint32 words), at 4 bits "int4", at 4 or 2 bits "words" (module
+      docstring).
     """
     check_config(bits, group_size, residual if residual else group_size, layout)  # 0: no window
     if not head_positions:
@@ -367,7 +413,7 @@ def _from_dense(
 ) -> QuantizedLayerCache:
     g = group_size  # checked by from_dense
     b, h, c, d = layer.keys.shape
-    _check_head_dim(d, g)
+    _check_head_dim(d, g, layout)
     per = 32 // bits
     n = jnp.minimum(layer.lengths, c).astype(jnp.int32)
     if residual:
@@ -410,6 +456,8 @@ def _from_dense(
     if layout == "int4":  # token-major keys, channel-major values
         k_codes = to_int4(kc.reshape(b, h, cq, d))
         v_codes = jnp.swapaxes(to_int4(vc.reshape(b, h, cq, d)), 2, 3)
+    elif layout == "words":  # cq = P * G tokens per block: a multiple of 64
+        k_codes, v_codes = to_words(kc.reshape(b, h, cq, d), vc.reshape(b, h, cq, d), bits)
     else:
         k_codes, v_codes = packing.pack(kc, bits), packing.pack(vc, bits)
     return QuantizedLayerCache(
@@ -447,6 +495,8 @@ def _flush(c: QuantizedLayerCache, mask: Array) -> QuantizedLayerCache:
     if c.int4_layout:  # G token rows of keys, G token columns of values
         k_codes = c.k_codes.at[bi3, hi3, slots].set(to_int4(kc[:, :, 0]), mode="drop")
         v_codes = c.v_codes.at[bi3, hi3, :, slots].set(to_int4(vc), mode="drop")
+    elif c.words_layout:
+        k_codes, v_codes = _flush_words(c, kc[:, :, 0], vc, gi * g, mask)
     else:  # or the codes into bit field j of the block's words
         nb = c.k_codes.shape[2]
         blk, j = gi // per, (gi % per).astype(jnp.uint32)
@@ -486,6 +536,35 @@ def _flush(c: QuantizedLayerCache, mask: Array) -> QuantizedLayerCache:
     )
 
 
+def _flush_words(c: QuantizedLayerCache, kc: Array, vc: Array, start: Array, mask: Array
+                 ) -> tuple[Array, Array]:
+    """Words-layout codes with the new group (codes kc, vc [B, H, G, D], first token `start`
+    int32[B, H]) written where `mask`: the group's 64-token tile is packed with the G codes at
+    their offset and replaces exactly the words that hold the group's tokens (found by packing
+    the same placement of ones; `WORDS_GROUPS` makes them whole words)."""
+    g, bits = c.group_size, c.bits
+    b, h, nt = c.k_codes.shape[:3]
+    tile, off = start // 64, start % 64
+    row = jnp.arange(64)[None, None, :] - off[:, :, None]  # [B, H, 64] index into the group
+    inside = ((row >= 0) & (row < g))[..., None]
+    at = jnp.clip(row, 0, g - 1)[..., None]
+
+    def place(x):  # [B, H, G, D] -> [B, H, 64, D], zeros outside the group
+        return jnp.where(inside, jnp.take_along_axis(x, at, axis=2), 0).astype(jnp.uint32)
+
+    ones = jnp.broadcast_to(inside, (b, h, 64, c.head_dim)).astype(jnp.uint32)
+    (kw, vw), (kmask, vmask) = to_words(place(kc), place(vc), bits), to_words(ones, ones, bits)
+    bi, hi = jnp.arange(b)[:, None], jnp.arange(h)[None, :]
+    old_tile = jnp.minimum(tile, nt - 1)
+    dest = jnp.where(mask, tile, nt)  # out of range: dropped
+
+    def update(codes, new, sel):
+        merged = jnp.where(sel[:, :, 0] != 0, new[:, :, 0], codes[bi, hi, old_tile])
+        return codes.at[bi, hi, dest].set(merged, mode="drop")
+
+    return update(c.k_codes, kw, kmask), update(c.v_codes, vw, vmask)
+
+
 def _append(c: QuantizedLayerCache, k: Array, v: Array, pos: Array, valid: Array):
     """One token per row (k, v [B, H, D], pos int32[B], valid bool[B]) into the residual."""
     r = c.residual_size
@@ -520,7 +599,7 @@ def use_kernel(layer: QuantizedLayerCache, q: Array, sliding_window: int | None,
 
     return (
         impl == "auto" and kvattention.kernel_platform() == "gpu" and q.shape[2] == 1
-        and sliding_window is None and not layer.int4_layout
+        and sliding_window is None and not layer.int4_layout and not layer.words_layout
         and qda.supported(layer.head_dim, layer.group_size, layer.residual_size)
     )
 
@@ -612,8 +691,12 @@ def kivi(
       layout: "packed" (uint32 words, the Triton kernel's; any bits) or "int4" (bits=4 only:
         signed int4 codes, keys token-major and values channel-major, the layout the Hopper
         kernel `quantized_decode_attention_mgpu` reads; decoding with bf16 queries and scales
-        dispatches to it on sm_90, other platforms take the reference). Same codes, scales and
-        bytes in both layouts, so the same attention output up to rounding.
+        dispatches to it on sm_90, other platforms take the reference), or "words" (bits 4 or
+        2, head dim a multiple of 64, G in `WORDS_GROUPS`: each 64 x 64 tile in the order the
+        Hopper kernel's threads hold it, module docstring; the kernel reads it, checked so far
+        by lowering only, so attention over it takes the reference everywhere until its GPU
+        check). Same codes, scales and bytes in every layout, so the same attention output up
+        to rounding.
     """
     check_config(bits, group_size, residual, layout)
     if jnp.dtype(scale_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
