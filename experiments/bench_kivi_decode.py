@@ -7,6 +7,8 @@ then `kvjax.attention.attend` with `impl="auto"`, which dispatches
   dense bf16 LayerCache          -> the ragged decode kernel (Triton)
   kivi(4) packed layout          -> the Triton quantized kernel
   kivi(4, layout="int4")         -> the Mosaic GPU kernel (sm_90)
+  kivi(4, layout="words")        -> (`--words`) the reference until the words layout passes
+                                    its kernel check; run now to compare its flush on the GPU
 The steps run in one `lax.scan` with the cache as carry (donated, updated in place), as in
 `kvjax.generate`; time per step = scan time / steps. Outputs of the int4 layout are compared with
 the packed layout's on the same steps (both against the same quantized cache).
@@ -14,6 +16,7 @@ Shapes: 32 query / 8 KV heads, head dim 128, G = 32, R = 128, bf16.
 
     PYTHONPATH=. python3 experiments/bench_kivi_decode.py --out $OUT                 # GPU
     python experiments/bench_kivi_decode.py --batches=1 --contexts=2048 --steps=4  # CPU smoke
+        [--words]
 """
 
 from __future__ import annotations
@@ -42,14 +45,20 @@ HKV, GQ, D, G, R = 8, 4, 128, 32, 128
 ROOM = 1024  # free slots: appends over several timed runs stay inside the capacity
 
 
-def caches(b: int, ctx: int) -> dict:
+PACKED = "kivi4 packed (Triton)"
+
+
+def caches(b: int, ctx: int, words: bool = False) -> dict:
     """{name: layer cache} at b x ctx capacity holding ctx - ROOM tokens per head."""
     k, v, lengths, pos = make_cache(jax.random.key(b), b, HKV, ctx, D, jnp.bfloat16,
                                     jnp.full((b, HKV), ctx - ROOM, jnp.int32))
     dense = LayerCache(k, v, lengths, pos)
-    return {"dense bf16": dense,
-            "kivi4 packed (Triton)": from_dense(dense, 4, G, R),
-            "kivi4 int4 (Mosaic GPU)": from_dense(dense, 4, G, R, layout="int4")}
+    out = {"dense bf16": dense,
+           PACKED: from_dense(dense, 4, G, R),
+           "kivi4 int4 (Mosaic GPU)": from_dense(dense, 4, G, R, layout="int4")}
+    if words:
+        out["kivi4 words (reference)"] = from_dense(dense, 4, G, R, layout="words")
+    return out
 
 
 def steps_fn(n: int):
@@ -72,11 +81,11 @@ def inputs(b: int, ctx: int, n: int, seed: int) -> tuple:
     return q, k, v, p
 
 
-def run_cell(b: int, ctx: int, n: int, runs: int) -> dict:
+def run_cell(b: int, ctx: int, n: int, runs: int, words: bool = False) -> dict:
     row: dict = {"batch": b, "ctx": ctx, "steps": n}
     f = steps_fn(n)
     outs, codes = {}, {}
-    for name, cache in caches(b, ctx).items():
+    for name, cache in caches(b, ctx, words).items():
         xs = inputs(b, ctx, n, 0)
         cache, out = f(cache, *xs)  # compile + the steps whose outputs are compared
         outs[name] = np.asarray(out, np.float32)
@@ -97,16 +106,17 @@ def run_cell(b: int, ctx: int, n: int, runs: int) -> dict:
             f"({row['dense bf16'] / (t * 1e6):5.2f}x dense; quantized / held tokens now "
             f"{int(nq.min())}; {kvjax.cache.nbytes(cache) / 2**20:7.1f} MiB)")
         del cache
-    same = [bool(np.array_equal(x, y)) for x, y in
-            zip(codes["kivi4 int4 (Mosaic GPU)"], codes["kivi4 packed (Triton)"])]
-    row["same_codes_after_steps"] = same
-    log(f"  caches after {n} steps: key codes, value codes, key scales equal in both layouts: "
-        f"{same}")
-    a, p = outs["kivi4 int4 (Mosaic GPU)"], outs["kivi4 packed (Triton)"]
-    row["int4_vs_packed_err"] = rel_err(a, p)
+    p = outs[PACKED]
     row["packed_vs_dense_err"] = rel_err(p, outs["dense bf16"])
-    log(f"  outputs: int4 layout vs packed rel err {row['int4_vs_packed_err']:.1e} "
-        f"(packed vs dense bf16 {row['packed_vs_dense_err']:.1e}: the quantization)")
+    for name in codes:
+        if name == PACKED:
+            continue
+        same = [bool(np.array_equal(x, y)) for x, y in zip(codes[name], codes[PACKED])]
+        row[f"same_codes_after_steps {name}"] = same
+        row[f"vs_packed_err {name}"] = err = rel_err(outs[name], p)
+        log(f"  {name}: after {n} steps key codes, value codes, key scales equal to the packed "
+            f"layout's: {same}; outputs vs packed rel err {err:.1e} (packed vs dense bf16 "
+            f"{row['packed_vs_dense_err']:.1e}: the quantization)")
     return row
 
 
@@ -117,13 +127,16 @@ def main() -> None:
     ap.add_argument("--contexts", default="32768")
     ap.add_argument("--steps", type=int, default=64, help="decode steps per scan")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--words", action="store_true",
+                    help='also kivi(4, layout="words") (its flush compared on this device)')
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     log(f"devices {jax.devices()} jax {jax.__version__}")
     rows = []
     for c in args.contexts.split(","):
         for b in args.batches.split(","):
-            row = attempt(f"cell {b} x {c}", run_cell, int(b), int(c), args.steps, args.runs)
+            row = attempt(f"cell {b} x {c}", run_cell, int(b), int(c), args.steps, args.runs,
+                          args.words)
             if row is not None:
                 rows.append(row)
     with open(os.path.join(args.out, "kivi_decode.json"), "w") as f:
