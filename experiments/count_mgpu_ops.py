@@ -25,13 +25,22 @@ from experiments.bench_quant_mgpu import case  # noqa: E402
 from pallas_kernels import quantized_decode_attention_mgpu as qm  # noqa: E402
 
 OPS = ("arith.divui", "arith.remui", "arith.addi", "arith.muli", "vector.load", "memref.load",
-       "arith.addf", "arith.mulf")
-CONFIGS = ({"block_tokens": 64}, {"block_tokens": 64, "hoist_index": True}, {},
-           {"hoist_index": True}, {"fold_keys": True}, {"fold_keys": True, "fold_values": True})
+       "arith.addf", "arith.mulf", "arith.subf", "arith.shrui", "arith.andi", "arith.ori",
+       "nvvm.shfl.sync", "llvm.inline_asm")
+# launch options; "words": 4 or 2 for the words layout (`pack_words`) instead of the int4 one
+CONFIGS = ({"block_tokens": 64, "hoist_index": False}, {"block_tokens": 64},
+           {"hoist_index": False}, {}, {"fold_keys": True},
+           {"fold_keys": True, "fold_values": True}, {"fuse_residual": True}, {"words": 4},
+           {"words": 2})
 
 
 def count(cfg: dict) -> collections.Counter:
     """Op name -> count in the Mosaic GPU module of one lowering with `cfg`."""
+    return collections.Counter(re.findall(r"= ([a-z_]+\.[a-z_.]+)", module_text(cfg)))
+
+
+def module_text(cfg: dict) -> str:
+    """The Mosaic GPU module (MLIR text, before serialization) of one lowering with `cfg`."""
     texts = []
     serde = core._run_serde_pass
 
@@ -40,13 +49,16 @@ def count(cfg: dict) -> collections.Counter:
         return serde(module, **kw)
 
     core._run_serde_pass = capture
+    cfg = dict(cfg)
+    bits = cfg.pop("words", 0)
     try:
-        _, _, mg = case(jax.random.key(0), 1, 2, 4, 128, 32, ((4096, 4000),), 128)
+        _, _, mg = case(jax.random.key(0), 1, 2, 4, 128, 32, ((4096, 4000),), 128,
+                        bits=bits or 4, words=bool(bits))
         f = functools.partial(qm.quantized_decode_attention_mgpu, **cfg)
         jax.jit(f).trace(*mg).lower(lowering_platforms=("cuda",))
     finally:
         core._run_serde_pass = serde
-    return collections.Counter(re.findall(r"= ([a-z_]+\.[a-z_.]+)", texts[-1]))
+    return texts[-1]
 
 
 def main() -> None:

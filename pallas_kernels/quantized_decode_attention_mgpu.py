@@ -416,7 +416,7 @@ def _kernel(*refs, stages, splits, scale, group, vgroup, block_tokens, hoist_ind
     b = lax.axis_index("b")
     h = lax.axis_index("h")
     s = lax.axis_index("s")
-    d = k_ref.shape[3]
+    d = q_ref.shape[3]  # q [B, Hkv, N, D] (k_ref is [.., D / 64, ..] in the words layout)
     bt = block_tokens  # tokens per step: bt // T tiles of T share one online-softmax update
     nt = bt // T
     gps = bt // group  # scale rows per step (group <= T <= bt)

@@ -77,6 +77,22 @@ def test_lowers_for_cuda(i):
         assert "mosaic_gpu" in text
 
 
+def test_lowered_kernels_issue_the_expected_wgmma():
+    """The Mosaic GPU modules (CPU lowering): the words layout issues as many WGMMA as the int4
+    layout and unpacks with the 0x43004300 magic (a head dim read off the wrong array once
+    made its loops empty, which lowering alone accepts); the fused residual adds WGMMA."""
+    from experiments.count_mgpu_ops import module_text
+
+    texts = {k: module_text(cfg) for k, cfg in (("int4", {}), ("words4", {"words": 4}),
+                                                ("words2", {"words": 2}),
+                                                ("fused", {"fuse_residual": True}))}
+    mma = {k: t.count("wgmma.mma_async") for k, t in texts.items()}
+    assert mma["int4"] > 0 and mma["words4"] == mma["words2"] == mma["int4"]
+    assert mma["fused"] > mma["int4"]
+    magic = str(0x43004300)
+    assert magic in texts["words4"] and magic in texts["words2"] and magic not in texts["int4"]
+
+
 def test_thread_elements_is_the_mma_fragment_layout():
     """Thread t = 32 w + l holds rows 16 w + l // 4 (+ 8) and columns 2 (l % 4) + 8 k (+ 1):
     the layout `pack_words` writes and each thread reads back (from Mosaic's layout object)."""
