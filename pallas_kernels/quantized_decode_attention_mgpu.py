@@ -150,20 +150,21 @@ def pack_words(codes: Array, bits: int) -> Array:
     (t * bits ... of the tile's 128 * bits): register r's pair in word r // (16 / bits), its two
     codes at bits (bits * j, 16 + bits * j) for j = r % (16 / bits). A thread reads its tile with
     one 16-byte (4 bit) or 8-byte (2 bit) shared-memory load and unpacks with shifts and masks
-    (`unpack_words`), no shuffles."""
+    (`unpack_words`), no shuffles. A numpy `codes` gives numpy words (static tables)."""
     check_word_bits(bits)
+    xp = np if isinstance(codes, np.ndarray) else jnp
     *lead, r, c = codes.shape
     if r % 64 or c % 64:
         raise ValueError(f"pack_words needs both trailing dimensions multiples of 64, got "
                          f"{codes.shape}")
-    tiles = jnp.swapaxes(codes.reshape(*lead, r // 64, 64, c // 64, 64), -3, -2)
+    tiles = xp.swapaxes(codes.reshape(*lead, r // 64, 64, c // 64, 64), -3, -2)
     el = thread_elements()
     v = tiles.reshape(*lead, r // 64, c // 64, 4096)[..., el[..., 0] * 64 + el[..., 1]]
     ppw = 16 // bits  # register pairs per word
-    v = v.astype(jnp.uint32).reshape(*lead, r // 64, c // 64, 128, bits, ppw, 2)
+    v = v.astype(xp.uint32).reshape(*lead, r // 64, c // 64, 128, bits, ppw, 2)
     lo = bits * np.arange(ppw, dtype=np.uint32)
-    shifts = jnp.asarray(np.stack([lo, lo + 16], axis=-1))  # [ppw, 2]
-    words = (v << shifts).sum(axis=(-2, -1), dtype=jnp.uint32)  # disjoint bits: sum == or
+    shifts = xp.asarray(np.stack([lo, lo + 16], axis=-1))  # [ppw, 2]
+    words = (v << shifts).sum(axis=(-2, -1), dtype=xp.uint32)  # disjoint bits: sum == or
     return words.reshape(*lead, r // 64, c // 64, 2 * bits, 64)
 
 

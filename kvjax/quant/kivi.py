@@ -70,6 +70,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from kvjax import attention as kvattention
@@ -290,8 +291,9 @@ def to_words(kc: Array, vc: Array, bits: int) -> tuple[Array, Array]:
     (k_codes, v_codes), uint32 [B, H, C / 64, D / 64, 2 bits, 64]."""
     from pallas_kernels.quantized_decode_attention_mgpu import pack_words  # noqa: PLC0415
 
-    vw = pack_words(jnp.swapaxes(vc, 2, 3), bits)  # [B, H, D / 64, C / 64, ...]
-    return pack_words(kc, bits), jnp.swapaxes(vw, 2, 3)
+    xp = np if isinstance(vc, np.ndarray) else jnp  # numpy in, numpy out (static tables)
+    vw = pack_words(xp.swapaxes(vc, 2, 3), bits)  # [B, H, D / 64, C / 64, ...]
+    return pack_words(kc, bits), xp.swapaxes(vw, 2, 3)
 
 
 def from_words(k_codes: Array, v_codes: Array, bits: int) -> tuple[Array, Array]:
@@ -540,8 +542,8 @@ def _flush_words(c: QuantizedLayerCache, kc: Array, vc: Array, start: Array, mas
                  ) -> tuple[Array, Array]:
     """Words-layout codes with the new group (codes kc, vc [B, H, G, D], first token `start`
     int32[B, H]) written where `mask`: the group's 64-token tile is packed with the G codes at
-    their offset and replaces exactly the words that hold the group's tokens (found by packing
-    the same placement of ones; `WORDS_GROUPS` makes them whole words)."""
+    their offset and replaces exactly the words that hold the group's tokens (`_group_words`;
+    `WORDS_GROUPS` makes them whole words)."""
     g, bits = c.group_size, c.bits
     b, h, nt = c.k_codes.shape[:3]
     tile, off = start // 64, start % 64
@@ -552,17 +554,28 @@ def _flush_words(c: QuantizedLayerCache, kc: Array, vc: Array, start: Array, mas
     def place(x):  # [B, H, G, D] -> [B, H, 64, D], zeros outside the group
         return jnp.where(inside, jnp.take_along_axis(x, at, axis=2), 0).astype(jnp.uint32)
 
-    ones = jnp.broadcast_to(inside, (b, h, 64, c.head_dim)).astype(jnp.uint32)
-    (kw, vw), (kmask, vmask) = to_words(place(kc), place(vc), bits), to_words(ones, ones, bits)
+    kw, vw = to_words(place(kc), place(vc), bits)
+    kmask, vmask = (jnp.asarray(m)[off // g] for m in _group_words(g, bits, c.head_dim))
     bi, hi = jnp.arange(b)[:, None], jnp.arange(h)[None, :]
     old_tile = jnp.minimum(tile, nt - 1)
     dest = jnp.where(mask, tile, nt)  # out of range: dropped
 
     def update(codes, new, sel):
-        merged = jnp.where(sel[:, :, 0] != 0, new[:, :, 0], codes[bi, hi, old_tile])
+        merged = jnp.where(sel, new[:, :, 0], codes[bi, hi, old_tile])
         return codes.at[bi, hi, dest].set(merged, mode="drop")
 
     return update(c.k_codes, kw, kmask), update(c.v_codes, vw, vmask)
+
+
+@functools.cache
+def _group_words(g: int, bits: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """bool[64 / G, D / 64, 2 bits, 64] per group offset in a tile: the words of the keys' and
+    the values' tile that hold the group's codes (the words layout of a tile of ones there)."""
+    ones = np.zeros((1, 64 // g, 64, d), np.uint32)
+    for i in range(64 // g):
+        ones[0, i, i * g:(i + 1) * g] = 1
+    kw, vw = to_words(ones, ones, bits)
+    return kw[0, :, 0] != 0, vw[0, :, 0] != 0
 
 
 def _append(c: QuantizedLayerCache, k: Array, v: Array, pos: Array, valid: Array):
