@@ -5,11 +5,11 @@ The quantized part is read as int4 codes, 16-bit scales and zero points and dequ
 registers (no bf16 copy of the cache is written). One program per (row, KV head, split) streams
 steps of `block_tokens` tokens (one to four 64-token tiles sharing one online-softmax update)
 through a `num_stages`-deep shared-memory ring filled by TMA. The bf16 residual window is a
-separate jnp pass merged by log-sum-exp (~45 us of a 265 us decode step at 8 x 32k on an H100,
-docs/benchmarks_quant.md), or, with `fuse_residual=True` (ninth session; lowering-checked,
-its GPU check pending), the last split goes on over the window in 64-token steps of the same
-online softmax, its tiles loaded straight into WGMMA registers (`load_tile`), so that one
-launch and one merge cover the whole cache:
+separate jnp pass merged by log-sum-exp (part of the ~47 us that a 265 us decode step at
+8 x 32k on an H100 spends around the kernel, docs/benchmarks_quant.md), or, with
+`fuse_residual=True` (ninth session; lowering-checked, its GPU check pending), the last split
+goes on over the window in 64-token steps of the same online softmax, its tiles loaded straight
+into WGMMA registers (`load_tile`), so that one launch and one merge cover the whole cache:
 
   keys    S^T = K Q^T: the tile's [64, 64] code chunks are upcast to bf16 by Mosaic GPU
           (`WGMMA_UPCAST_4X` load, relaid out to `WGMMA`), dequantized in registers
@@ -113,6 +113,7 @@ def register_offsets(shape: tuple[int, int] = (64, 64)) -> list[tuple[int, int]]
     return offs
 
 
+@functools.cache
 def thread_elements(shape: tuple[int, int] = (64, 64)) -> np.ndarray:
     """int[128, R, 2, 2]: (row, col) of element e of register r of thread t of a 16-bit array
     in Mosaic GPU's WGMMA layout (registers in `np.ndindex` order), computed from the layout
