@@ -175,11 +175,14 @@ def bench(b: int, ctx: int, budget_end: float, grid=GRID, bad: frozenset = froze
     def err_of(out) -> str:
         return "n/a" if ref is None else f"{rel_err(out, ref):.1e}"
 
-    t = time_jax(lambda q, *a: qda.quantized_decode_attention(q, *a), qs, [packed], reps)
-    err = err_of(qda.quantized_decode_attention(qs[0], *packed))
-    row["triton_int4"] = t * 1e6
-    log(f"  triton int4 (default)        {t * 1e6:8.1f} us {qbytes / t / 1e9:6.0f} GB/s "
-        f"{row['dense'] / (t * 1e6):5.2f}x dense  err {err}")
+    def triton(bits: int) -> None:  # the Triton kernel (packed layout) on `packed`
+        t = time_jax(lambda q, *a: qda.quantized_decode_attention(q, *a), qs, [packed], reps)
+        err = err_of(qda.quantized_decode_attention(qs[0], *packed))
+        row[f"triton_int{bits}"] = t * 1e6
+        log(f"  triton int{bits} (default)        {t * 1e6:8.1f} us {qbytes / t / 1e9:6.0f} GB/s "
+            f"{row['dense'] / (t * 1e6):5.2f}x dense  err {err}")
+
+    triton(4)
     mg = mgpu_args(arrs)
     for cfg in grid:
         if time.time() > budget_end:
@@ -205,19 +208,13 @@ def bench(b: int, ctx: int, budget_end: float, grid=GRID, bad: frozenset = froze
             qbytes = qda.hbm_bytes(b, hkv, ctx - r, d, 2, g) + b * hkv * r * d * 2 * 2
             packed = tuple(arrs[n] for n in QARGS)
             ref = qda.reference(qs[0], *packed) if b * ctx <= 16 * 32768 else None
-            t = time_jax(lambda q, *a: qda.quantized_decode_attention(q, *a), qs, [packed],
-                         reps)
-            row["triton_int2"] = t * 1e6
-            log(f"  triton int2 (default)        {t * 1e6:8.1f} us {qbytes / t / 1e9:6.0f} GB/s "
-                f"{row['dense'] / (t * 1e6):5.2f}x dense  err "
-                f"{err_of(qda.quantized_decode_attention(qs[0], *packed))}")
+            triton(2)
         if not runnable({}, bad, f"words{bits}"):
             log(f"  mgpu words{bits} skipped: its check failed")
             continue
         mw = mgpu_args(arrs, bits)
         f = qm.quantized_decode_attention_mgpu
-        t = attempt(f"mgpu words{bits}", time_jax, lambda q, *a: qm.quantized_decode_attention_mgpu(
-            q, *a), qs, [mw], reps)
+        t = attempt(f"mgpu words{bits}", time_jax, lambda q, *a, f=f: f(q, *a), qs, [mw], reps)
         if t is not None:
             row[f"mgpu words{bits}"] = t * 1e6
             log(f"  mgpu words{bits} {{}}                 {t * 1e6:8.1f} us "

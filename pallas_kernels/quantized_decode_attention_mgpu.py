@@ -161,11 +161,8 @@ def pack_words(codes: Array, bits: int) -> Array:
     tiles = xp.swapaxes(codes.reshape(*lead, r // 64, 64, c // 64, 64), -3, -2)
     el = thread_elements()
     v = tiles.reshape(*lead, r // 64, c // 64, 4096)[..., el[..., 0] * 64 + el[..., 1]]
-    ppw = 16 // bits  # register pairs per word
-    v = v.astype(xp.uint32).reshape(*lead, r // 64, c // 64, 128, bits, ppw, 2)
-    lo = bits * np.arange(ppw, dtype=np.uint32)
-    shifts = xp.asarray(np.stack([lo, lo + 16], axis=-1))  # [ppw, 2]
-    words = (v << shifts).sum(axis=(-2, -1), dtype=xp.uint32)  # disjoint bits: sum == or
+    v = v.astype(xp.uint32).reshape(*lead, r // 64, c // 64, 128, bits, 16 // bits, 2)
+    words = (v << xp.asarray(_word_shifts(bits))).sum(axis=(-2, -1), dtype=xp.uint32)  # == or
     return words.reshape(*lead, r // 64, c // 64, 2 * bits, 64)
 
 
@@ -173,16 +170,19 @@ def unpack_words_reference(words: Array, bits: int) -> Array:
     """jnp inverse of `pack_words`: uint32 [..., R / 64, C / 64, 2 bits, 64] -> codes
     uint32 [..., R, C]."""
     *lead, nr, nc, _, _ = words.shape
-    ppw = 16 // bits
     w = words.reshape(*lead, nr, nc, 128, bits, 1, 1)
-    lo = bits * np.arange(ppw, dtype=np.uint32)
-    shifts = jnp.asarray(np.stack([lo, lo + 16], axis=-1))
-    v = ((w >> shifts) & (2**bits - 1)).reshape(*lead, nr, nc, 128 * 16 * 2)
+    v = ((w >> jnp.asarray(_word_shifts(bits))) & (2**bits - 1)).reshape(*lead, nr, nc, 4096)
     el = thread_elements()
     pos = (el[..., 0] * 64 + el[..., 1]).reshape(-1)
     flat = jnp.zeros((*lead, nr, nc, 4096), jnp.uint32).at[..., pos].set(v)
     tiles = jnp.swapaxes(flat.reshape(*lead, nr, nc, 64, 64), -3, -2)
     return tiles.reshape(*lead, nr * 64, nc * 64)
+
+
+def _word_shifts(bits: int) -> np.ndarray:
+    """uint32[16 / bits, 2]: bit offsets of the two codes of pair j in its word (`pack_words`)."""
+    lo = bits * np.arange(16 // bits, dtype=np.uint32)
+    return np.stack([lo, lo + 16], axis=-1)
 
 
 def check_word_bits(bits) -> None:
@@ -467,15 +467,15 @@ def _kernel(*refs, stages, splits, scale, group, vgroup, block_tokens, hoist_ind
         a = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
         return plgpu.layout_cast(a, wg).astype(jnp.bfloat16)
 
-    def key_tile(slot, j, ch):  # [64 tokens, 64 channels] codes -> WGMMA registers, + bias
-        if bits:
-            return unpack_words(k_smem.at[slot, j, ch], bits), 0.0
-        return codes(k_smem.at[slot, pl.ds(j * T, T), pl.ds(ch * 64, 64)]), 8.0
+    def code_tile(ref, slot, j, ch, channel_major=False):  # token tile j, channel tile ch ->
+        if bits:  # registers, and the bias `dequant` adds (words: unsigned codes)
+            return unpack_words(ref.at[slot, j, ch], bits), 0.0
+        tok, chan = pl.ds(j * T, T), pl.ds(ch * 64, 64)  # int4: keys [C, D], values [D, C]
+        return codes(ref.at[slot, chan, tok] if channel_major else ref.at[slot, tok, chan]), 8.0
 
-    def value_tile(slot, j, ch):  # [64 channels, 64 tokens]
-        if bits:
-            return unpack_words(v_smem.at[slot, j, ch], bits), 0.0
-        return codes(v_smem.at[slot, pl.ds(ch * 64, 64), pl.ds(j * T, T)]), 8.0
+    def pv_tile(acc_ref, a, row0):  # O^T += a [64 channels, 64 tokens] P[row0:row0 + 64]
+        for kk in range(T // 16):
+            plgpu.wgmma(acc_ref, a[:, kk * 16:(kk + 1) * 16], p_smem.at[pl.ds(row0 + kk * 16, 16)])
 
     def online_softmax(m, den, scs):  # scores (log2 domain) of one step's tiles
         peak = functools.reduce(jnp.maximum, scs)
@@ -517,7 +517,7 @@ def _kernel(*refs, stages, splits, scale, group, vgroup, block_tokens, hoist_ind
                                 arith.addi(col, _c(ch * 64))]
 
                     hoisted = (kidx, lambda dr, dc: (0, dc)) if hoist_index else None
-                    a, bias = key_tile(slot, j, ch)
+                    a, bias = code_tile(k_smem, slot, j, ch)
                     a = dequant(a, ks_smem.at[slot], kz_smem.at[slot], kidx, hoisted, bias)
                     plgpu.wgmma(acc_ref, a, q_smem.at[:, pl.ds(ch * 64, 64)].T)
                 return acc_ref[...]
@@ -576,12 +576,9 @@ def _kernel(*refs, stages, splits, scale, group, vgroup, block_tokens, hoist_ind
                         tok = dc + j * T
                         return (tok // group, 0, tok % group)
 
-                    a, bias = value_tile(slot, j, ch)
-                    a = dequant(a, vs_smem.at[slot], vz_smem.at[slot], vidx,
-                                (vbase, voff) if hoist_index else None, bias)
-                    for kk in range(T // 16):
-                        plgpu.wgmma(acc_ref, a[:, kk * 16:(kk + 1) * 16],
-                                    p_smem.at[pl.ds(j * T + kk * 16, 16)])
+                    a, bias = code_tile(v_smem, slot, j, ch, channel_major=True)
+                    pv_tile(acc_ref, dequant(a, vs_smem.at[slot], vz_smem.at[slot], vidx,
+                                             (vbase, voff) if hoist_index else None, bias), j * T)
 
             new.append(pl.run_state(pv_folded if fold_values else pv)(plgpu.ACC.init(acc)))
         pl.when(i + stages < n)(lambda: fetch(i + stages, slot))
@@ -615,10 +612,8 @@ def _kernel(*refs, stages, splits, scale, group, vgroup, block_tokens, hoist_ind
             for ch, acc in enumerate(accs):
 
                 def pv(acc_ref, ch=ch):
-                    a = load_tile(rv_ref.at[b, h, pl.ds(t0, T), pl.ds(ch * 64, 64)], True)
-                    for kk in range(T // 16):
-                        plgpu.wgmma(acc_ref, a[:, kk * 16:(kk + 1) * 16],
-                                    p_smem.at[pl.ds(kk * 16, 16)])
+                    pv_tile(acc_ref, load_tile(rv_ref.at[b, h, pl.ds(t0, T), pl.ds(ch * 64, 64)],
+                                               True), 0)
 
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
                 new.append(pl.run_state(pv)(plgpu.ACC.init(acc)))
@@ -896,14 +891,18 @@ def quantized_decode_attention_mgpu(
 def repack_int4(k_codes: Array, v_codes: Array) -> tuple[Array, Array]:
     """`kivi`'s packed 4-bit codes (uint32[B, H, Nb, G, D]) -> (k4 int4[B, H, C, D],
     v4 int4[B, H, D, C]) signed (code - 8), C = Nb * 8 * G tokens in order."""
+    from kvjax.quant.kivi import to_int4  # noqa: PLC0415 - kvjax imports pallas_kernels
+
+    k, v = (to_int4(_token_codes(x, 4)) for x in (k_codes, v_codes))
+    return k, jnp.swapaxes(v, 2, 3)
+
+
+def _token_codes(words: Array, bits: int) -> Array:
+    """`kivi`'s packed words uint32[B, H, Nb, G, D] -> codes uint32[B, H, C, D], token order."""
     from kvjax.quant import packing  # noqa: PLC0415 - kvjax imports pallas_kernels
-    from kvjax.quant.kivi import to_int4  # noqa: PLC0415
 
-    def tokens(words):  # [B, H, C, D] signed codes in token order
-        c = packing.unpack(words, 4)  # [B, H, Ng, G, D]
-        return to_int4(c.reshape(c.shape[0], c.shape[1], -1, c.shape[-1]))
-
-    return tokens(k_codes), jnp.swapaxes(tokens(v_codes), 2, 3)
+    c = packing.unpack(words, bits)  # [B, H, Ng, G, D]
+    return c.reshape(c.shape[0], c.shape[1], -1, c.shape[-1])
 
 
 def repack_words(k_codes: Array, v_codes: Array, bits: int) -> tuple[Array, Array]:
@@ -911,16 +910,10 @@ def repack_words(k_codes: Array, v_codes: Array, bits: int) -> tuple[Array, Arra
     (`pack_words`) of keys (tiles [64 tokens, 64 channels]) and values (tiles [64 channels,
     64 tokens]), both uint32 [B, H, C / 64, D / 64, 2 bits, 64] indexed (token tile, channel
     tile); C = Nb * (32 / bits) * G must be a multiple of 64."""
-    from kvjax.quant import packing  # noqa: PLC0415 - kvjax imports pallas_kernels
+    from kvjax.quant.kivi import to_words  # noqa: PLC0415 - kvjax imports pallas_kernels
 
     check_word_bits(bits)
-
-    def tokens(words):  # [B, H, C, D] unsigned codes in token order
-        c = packing.unpack(words, bits)
-        return c.reshape(c.shape[0], c.shape[1], -1, c.shape[-1]).astype(jnp.uint32)
-
-    vw = pack_words(jnp.swapaxes(tokens(v_codes), 2, 3), bits)  # [B, H, D/64, C/64, ...]
-    return pack_words(tokens(k_codes), bits), jnp.swapaxes(vw, 2, 3)
+    return to_words(_token_codes(k_codes, bits), _token_codes(v_codes, bits), bits)
 
 
 def reference_mgpu_layout(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized,
