@@ -475,16 +475,32 @@ def test_shared_positions_refuse_per_head_caches(model):
 
 def test_save_restore_round_trip(tmp_path, model):
     cache, _ = kvjax.prefill(model, PROMPTS[:2, :40], compressor=kivi(4, 16, 16))
-    kvjax.cache.save(tmp_path / "c", cache)
-    back = kvjax.cache.restore(tmp_path / "c")
+    back = _assert_round_trip(tmp_path / "c", cache)
     assert all(isinstance(x, QuantizedLayerCache) for x in back.layers)
-    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(back)):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert back.layers[0].bits == 4
 
 
 # --- int4 layout (the Hopper kernel's) --------------------------------------------------------
+
+
+def _assert_same_quantized(a: QuantizedLayerCache, b: QuantizedLayerCache,
+                           names=("k_scale", "v_zero", "quant_positions", "residual_keys",
+                                  "num_residual")) -> None:
+    """Equal codes (in token order, whatever the layouts) and equal arrays `names`."""
+    for x, y in zip(a.codes(), b.codes()):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for name in names:
+        np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)))
+
+
+def _assert_round_trip(path, cache):
+    """kvjax.cache.save then restore gives back every array, dtype included; returns it."""
+    kvjax.cache.save(path, cache)
+    back = kvjax.cache.restore(path)
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(back)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    return back
 
 
 def test_int4_layout_holds_the_packed_codes():
@@ -503,8 +519,7 @@ def test_int4_layout_holds_the_packed_codes():
     k4, v4 = repack_int4(packed.k_codes, packed.v_codes)
     np.testing.assert_array_equal(np.asarray(q4.k_codes), np.asarray(k4))
     np.testing.assert_array_equal(np.asarray(q4.v_codes), np.asarray(v4))
-    for a, b in zip(packed.codes(), q4.codes()):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _assert_same_quantized(packed, q4, names=())
     for a, b in zip(jax.tree.leaves(packed.to_dense()), jax.tree.leaves(q4.to_dense())):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # int4 counts half a byte: both layouts store the same bytes
@@ -529,16 +544,8 @@ def test_int4_layout_decodes_like_packed(model, tmp_path):
     assert int(int4.layers[0].num_quantized.min()) >= 32  # decoding flushed groups
     for lp, l4 in zip(packed.layers, int4.layers):
         assert l4.int4_layout
-        for a, b in zip(lp.codes(), l4.codes()):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        for name in ("k_scale", "v_zero", "quant_positions", "residual_keys", "num_residual"):
-            np.testing.assert_array_equal(np.asarray(getattr(l4, name)),
-                                          np.asarray(getattr(lp, name)))
-    kvjax.cache.save(tmp_path / "c", int4)
-    back = kvjax.cache.restore(tmp_path / "c")
-    for a, b in zip(jax.tree.leaves(int4), jax.tree.leaves(back)):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        _assert_same_quantized(lp, l4)
+    _assert_round_trip(tmp_path / "c", int4)
 
 
 def test_int4_layout_dispatches_to_the_hopper_kernel(monkeypatch):
@@ -607,11 +614,7 @@ def test_words_layout_holds_the_packed_codes(bits, g):
     packed, qw = (x.grow(x.capacity + 3 * g).write(new, new * 0.5, pos) for x in (packed, qw))
     assert int((packed.num_quantized - nq0).min()) >= g  # every head flushed a group
     np.testing.assert_array_equal(np.asarray(qw.num_quantized), np.asarray(packed.num_quantized))
-    for a, b in zip(packed.codes(), qw.codes()):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    for name in ("k_scale", "v_zero", "quant_positions", "residual_keys", "num_residual"):
-        np.testing.assert_array_equal(np.asarray(getattr(qw, name)),
-                                      np.asarray(getattr(packed, name)))
+    _assert_same_quantized(packed, qw)
 
 
 def test_words_layout_decodes_like_packed(tmp_path):
@@ -628,16 +631,9 @@ def test_words_layout_decodes_like_packed(tmp_path):
         assert int(words.layers[0].num_quantized.min()) >= 32  # decoding flushed groups
         for lp, lw in zip(packed.layers, words.layers):
             assert lw.words_layout and lw.bits == bits
-            for a, b in zip(lp.codes(), lw.codes()):
-                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-            for name in ("k_scale", "v_zero", "quant_positions", "num_quantized"):
-                np.testing.assert_array_equal(np.asarray(getattr(lw, name)),
-                                              np.asarray(getattr(lp, name)))
-    kvjax.cache.save(tmp_path / "c", words)
-    back = kvjax.cache.restore(tmp_path / "c")
-    for a, b in zip(jax.tree.leaves(words), jax.tree.leaves(back)):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            _assert_same_quantized(lp, lw, ("k_scale", "v_zero", "quant_positions",
+                                            "num_quantized"))
+    _assert_round_trip(tmp_path / "c", words)
 
 
 # --- bad input -----------------------------------------------------------------------------
