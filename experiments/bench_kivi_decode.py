@@ -7,11 +7,14 @@ then `kvjax.attention.attend` with `impl="auto"`, which dispatches
   dense bf16 LayerCache          -> the ragged decode kernel (Triton)
   kivi(4) packed layout          -> the Triton quantized kernel
   kivi(4, layout="int4")         -> the Mosaic GPU kernel (sm_90)
-  kivi(4, layout="words")        -> (`--words`) the reference until the words layout passes
-                                    its kernel check; run now to compare its flush on the GPU
+  kivi(bits, layout="words")     -> (`--words`, bits 4 and 2) the Mosaic GPU kernel (sm_90),
+                                    its dispatch turned on for this run (`kivi.MGPU_WORDS`,
+                                    off by default until the kernel's GPU check passes);
+                                    kivi(2) packed next to it (Triton)
 The steps run in one `lax.scan` with the cache as carry (donated, updated in place), as in
-`kvjax.generate`; time per step = scan time / steps. Outputs of the int4 layout are compared with
-the packed layout's on the same steps (both against the same quantized cache).
+`kvjax.generate`; time per step = scan time / steps. Outputs and codes of the int4 and words
+layouts are compared with the packed layout's of the same bits on the same steps (all hold
+the same quantized cache).
 Shapes: 32 query / 8 KV heads, head dim 128, G = 32, R = 128, bf16.
 
     PYTHONPATH=. python3 experiments/bench_kivi_decode.py --out $OUT                 # GPU
@@ -22,6 +25,7 @@ Shapes: 32 query / 8 KV heads, head dim 128, G = 32, R = 128, bf16.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -46,6 +50,7 @@ ROOM = 1024  # free slots: appends over several timed runs stay inside the capac
 
 
 PACKED = "kivi4 packed (Triton)"
+PACKED2 = "kivi2 packed (Triton)"
 
 
 def caches(b: int, ctx: int, words: bool = False) -> dict:
@@ -56,8 +61,10 @@ def caches(b: int, ctx: int, words: bool = False) -> dict:
     out = {"dense bf16": dense,
            PACKED: from_dense(dense, 4, G, R),
            "kivi4 int4 (Mosaic GPU)": from_dense(dense, 4, G, R, layout="int4")}
-    if words:
-        out["kivi4 words (reference)"] = from_dense(dense, 4, G, R, layout="words")
+    if words:  # the words layout (Mosaic GPU on Hopper) at 4 and 2 bits; 2-bit packed: Triton
+        out["kivi4 words (Mosaic GPU)"] = from_dense(dense, 4, G, R, layout="words")
+        out[PACKED2] = from_dense(dense, 2, G, R)
+        out["kivi2 words (Mosaic GPU)"] = from_dense(dense, 2, G, R, layout="words")
     return out
 
 
@@ -106,17 +113,18 @@ def run_cell(b: int, ctx: int, n: int, runs: int, words: bool = False) -> dict:
             f"({row['dense bf16'] / (t * 1e6):5.2f}x dense; quantized / held tokens now "
             f"{int(nq.min())}; {kvjax.cache.nbytes(cache) / 2**20:7.1f} MiB)")
         del cache
-    p = outs[PACKED]
-    row["packed_vs_dense_err"] = rel_err(p, outs["dense bf16"])
     for name in codes:
-        if name == PACKED:
+        if name in (PACKED, PACKED2):
             continue
-        same = [bool(np.array_equal(x, y)) for x, y in zip(codes[name], codes[PACKED])]
+        packed = PACKED2 if name.startswith("kivi2") else PACKED
+        p = outs[packed]
+        row[f"packed_vs_dense_err {packed}"] = perr = rel_err(p, outs["dense bf16"])
+        same = [bool(np.array_equal(x, y)) for x, y in zip(codes[name], codes[packed])]
         row[f"same_codes_after_steps {name}"] = same
         row[f"vs_packed_err {name}"] = err = rel_err(outs[name], p)
         log(f"  {name}: after {n} steps key codes, value codes, key scales equal to the packed "
             f"layout's: {same}; outputs vs packed rel err {err:.1e} (packed vs dense bf16 "
-            f"{row['packed_vs_dense_err']:.1e}: the quantization)")
+            f"{perr:.1e}: the quantization)")
     return row
 
 
@@ -128,8 +136,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64, help="decode steps per scan")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--words", action="store_true",
-                    help='also kivi(4, layout="words") (its flush compared on this device)')
+                    help='also kivi(4 and 2, layout="words") through the Mosaic GPU kernel, and '
+                         'kivi(2) packed (Triton); codes and outputs compared on this device')
     args = ap.parse_args()
+    if args.words:  # the words layout's kernel dispatch, off by default (module docstring)
+        importlib.import_module("kvjax.quant.kivi").MGPU_WORDS = True
     os.makedirs(args.out, exist_ok=True)
     log(f"devices {jax.devices()} jax {jax.__version__}")
     rows = []

@@ -1,6 +1,7 @@
 """KIVI quantized cache: round-trip bounds, packing, residual window, memory, generation."""
 
 import functools
+import importlib
 import os
 
 import jax
@@ -16,6 +17,7 @@ from kvjax.cache import LayerCache, nbytes
 from kvjax.compress import Compressor, chain, keep_topk
 from kvjax.models import Llama, LlamaConfig
 from kvjax.quant import QuantizedLayerCache, from_dense, kivi, packing
+from kvjax.quant.kivi import from_words, to_int4
 
 # --- quantization round trip ------------------------------------------------------------------
 
@@ -548,36 +550,49 @@ def test_int4_layout_decodes_like_packed(model, tmp_path):
     _assert_round_trip(tmp_path / "c", int4)
 
 
-def test_int4_layout_dispatches_to_the_hopper_kernel(monkeypatch):
-    """On an sm_90 GPU, bf16 decode over an int4-layout cache calls
+@pytest.mark.parametrize("layout,bits", [("int4", 4), ("words", 4), ("words", 2)])
+def test_hopper_layouts_dispatch_to_the_hopper_kernel(monkeypatch, layout, bits):
+    """On an sm_90 GPU, bf16 decode over an int4- or words-layout cache calls
     `quantized_decode_attention_mgpu` with the cache's arrays (here a stand-in that runs the
-    kernel's jnp reference over the same arguments: the kernel itself runs on the GPU only,
-    `experiments/bench_quant_mgpu.py`); f32 queries, other platforms and the packed layout
-    do not."""
+    kernel's jnp reference over the same arguments, words unpacked to int4 first: the kernel
+    itself runs on the GPU only, `experiments/bench_quant_mgpu.py`; words only where
+    `kivi.MGPU_WORDS`, off until the kernel's GPU check); f32 queries, other platforms and the
+    packed layout do not."""
     from pallas_kernels import quantized_decode_attention_mgpu as qm
 
     dense = _dense(12, 2, 2, 300, 64, [[300, 260], [151, 0]], jnp.bfloat16)
-    qc = from_dense(dense, 4, 32, 32, layout="int4")
+    qc = from_dense(dense, bits, 32, 32, layout=layout)
     q = jnp.asarray(np.random.default_rng(13).normal(size=(2, 8, 1, 64)), jnp.bfloat16)
     qpos = jnp.full((2, 1), 1000, jnp.int32)
     ref = kvjax.attention.attend(q, qpos, qc, impl="reference")
     calls = []
 
-    def stand_in(q1, *args, scale=None, block_tokens=128, **kwargs):
-        calls.append((args[0].shape, block_tokens))
-        return qm.reference_mgpu_layout(q1, *args, scale=scale)
+    def stand_in(q1, k4, ks, kz, v4, *args, scale=None, block_tokens=128, **kwargs):
+        calls.append((k4.shape, k4.dtype, block_tokens))
+        assert k4 is qc.k_codes and v4 is qc.v_codes
+        if layout == "words":  # codes [B, H, C, D] -> the int4 layout's signed codes
+            kc, vc = from_words(k4, v4, bits)
+            k4, v4 = to_int4(kc), jnp.swapaxes(to_int4(vc), 2, 3)
+        return qm.reference_mgpu_layout(q1, k4, ks, kz, v4, *args, scale=scale)
 
     monkeypatch.setattr(qm, "quantized_decode_attention_mgpu", stand_in)
     np.testing.assert_array_equal(np.asarray(kvjax.attention.attend(q, qpos, qc)),
                                   np.asarray(ref))  # CPU: the reference
     monkeypatch.setattr(kvjax.attention, "kernel_platform", lambda: "gpu")
     monkeypatch.setattr(qm, "on_hopper", lambda: True)
+    kivi_module = importlib.import_module("kvjax.quant.kivi")  # kvjax.quant.kivi: the function
+    if layout == "words":  # off by default: the reference
+        assert not kivi_module.MGPU_WORDS
+        np.testing.assert_array_equal(np.asarray(kvjax.attention.attend(q, qpos, qc)),
+                                      np.asarray(ref))
+        assert not calls
+        monkeypatch.setattr(kivi_module, "MGPU_WORDS", True)
     out = kvjax.attention.attend(q, qpos, qc)
-    assert calls == [((2, 2, qc.quantized_capacity, 64), 128)]
+    assert calls == [(qc.k_codes.shape, qc.k_codes.dtype, 128)]
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                                rtol=2e-2, atol=2e-2)
     kvjax.attention.attend(q.astype(jnp.float32), qpos, qc)  # f32: the reference
-    kvjax.attention.attend(q, qpos, from_dense(dense, 4, 32, 32))  # packed: Triton (interpret)
+    kvjax.attention.attend(q, qpos, from_dense(dense, bits, 32, 32))  # packed: Triton (interpret)
     monkeypatch.setattr(qm, "on_hopper", lambda: False)
     kvjax.attention.attend(q, qpos, qc)
     assert len(calls) == 1
