@@ -119,23 +119,25 @@ def checks(core: bool = False) -> set[frozenset]:
     "words4" / "words2": the words layout)."""
     bad: set[frozenset] = set()
     for i, (b, h, gq, d, g, counts, r, splits) in enumerate(CHECKS):
-        runs = [(4, False, cfg) for cfg in check_configs(i, g, gq, core)]
-        runs += [(bits, True, {} if core else WORDS_CONFIGS[i % 3]) for bits in qm.WORD_BITS]
-        for bits, words, cfg in runs:
+        # (bits, words layout, configs): one case and reference each
+        layouts = [(4, False, check_configs(i, g, gq, core))]
+        layouts += [(bits, True, [{} if core else WORDS_CONFIGS[i % 3]]) for bits in qm.WORD_BITS]
+        for bits, words, cfgs in layouts:
             q, arrs, mg = case(jax.random.key(10 + i), b, h, gq, d, g, counts, r, bits=bits,
                                words=words)
             ref = qda.reference(q, *(arrs[k] for k in QARGS))
-            name = f"words{bits} " * words + json.dumps(cfg)
-            out = attempt(f"check {i} {name}", qm.quantized_decode_attention_mgpu,
-                          *mg, num_splits=splits, **cfg)
-            err = float("nan") if out is None else rel_err(out, ref)
-            good = out is not None and err < 1e-2 and bool(
-                jnp.all(jnp.isfinite(out.astype(jnp.float32))))
-            if not good:
-                bad.add(_options(cfg) | ({f"words{bits}"} if words else set()))
-            log(f"check b{b} h{h} gq{gq} d{d} G{g} cap{arrs['k_codes'].shape[2] * 32 // bits * g}"
-                f" counts {counts} residual {r} splits {splits} {name}: rel err {err:.2e} "
-                f"{'ok' if good else 'FAIL'}")
+            cap = arrs["k_codes"].shape[2] * 32 // bits * g
+            for cfg in cfgs:
+                name = f"words{bits} " * words + json.dumps(cfg)
+                out = attempt(f"check {i} {name}", qm.quantized_decode_attention_mgpu,
+                              *mg, num_splits=splits, **cfg)
+                err = float("nan") if out is None else rel_err(out, ref)
+                good = out is not None and err < 1e-2 and bool(
+                    jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+                if not good:
+                    bad.add(_options(cfg) | ({f"words{bits}"} if words else set()))
+                log(f"check b{b} h{h} gq{gq} d{d} G{g} cap{cap} counts {counts} residual {r} "
+                    f"splits {splits} {name}: rel err {err:.2e} {'ok' if good else 'FAIL'}")
     return bad
 
 
