@@ -88,18 +88,29 @@ def time_jax(fn: Callable[..., Any], qs: Any, sets: Sequence[tuple], reps: int |
 
 
 def time_torch(fn: Callable[..., Any], qs: Sequence[Any], sets: Sequence[tuple],
-               reps: int | None = None, runs: int = 7) -> float:
+               reps: int | None = None, runs: int = 7, chain: bool = False) -> float:
     """Median seconds per call of fn(qs[i], *sets[i % len(sets)]) over `reps` calls (default
-    len(qs)), all captured in one CUDA graph (a plain host loop when CUDA is unavailable)."""
+    len(qs)), all captured in one CUDA graph (a plain host loop when CUDA is unavailable).
+
+    chain: call i + 1 takes call i's output as its query (fn's output must have the query's
+    shape, as decode attention's does), so no call can start before the previous one ends, as
+    in `time_jax` and in a decoder's layer loop; without it the graph's calls are independent
+    and a kernel may overlap the previous call's tail."""
     import torch
 
     reps = len(qs) if reps is None else int(reps)
     nset = len(sets)
+
+    def calls() -> list[Any]:
+        outs: list[Any] = []
+        for i in range(reps):
+            outs.append(fn(outs[-1] if chain and outs else qs[i], *sets[i % nset]))
+        return outs
+
     if not torch.cuda.is_available():
         fn(qs[0], *sets[0])
         t0 = time.perf_counter()
-        for i in range(reps):
-            fn(qs[i], *sets[i % nset])
+        calls()
         return (time.perf_counter() - t0) / reps
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -109,7 +120,7 @@ def time_torch(fn: Callable[..., Any], qs: Sequence[Any], sets: Sequence[tuple],
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        outs = [fn(qs[i], *sets[i % nset]) for i in range(reps)]
+        outs = calls()
     del outs
     g.replay()
     torch.cuda.synchronize()

@@ -305,10 +305,13 @@ def tune_decode(b, ctx, hkv, g, d, copy_bw, small):
     sw.run(_with(top or base, split_tail=True))
     t, cfg = sw.best()
     log(f"  best decode b{b} x {ctx}: {t * 1e6:.1f} us {cfg}")
-    t_torch = _try("torch sdpa", torch_sdpa_time, qs, [(k, v) for k, v, *_ in sets], reps)
-    if t_torch:
-        log(f"  torch SDPA b{b} x {ctx}: {t_torch * 1e6:.1f} us; best kernel / torch time "
-            f"{t / t_torch:.3f} ({'not slower' if t <= t_torch else 'SLOWER'})")
+    for chain in (False, True):
+        t_torch = _try("torch sdpa", torch_sdpa_time, qs, [(k, v) for k, v, *_ in sets], reps,
+                       chain)
+        if t_torch:
+            log(f"  torch SDPA{' chained' if chain else ''} b{b} x {ctx}: {t_torch * 1e6:.1f} us;"
+                f" best kernel / torch time {t / t_torch:.3f}"
+                f" ({'not slower' if t <= t_torch else 'SLOWER'})")
     del sets
     gc.collect()
     return t, cfg
@@ -321,15 +324,16 @@ def torch_sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
-def torch_sdpa_time(qs, kv_sets, reps):
-    """torch_sdpa on the same buffers (DLPack, zero copy), CUDA graph; None off GPU."""
+def torch_sdpa_time(qs, kv_sets, reps, chain=False):
+    """torch_sdpa on the same buffers (DLPack, zero copy), CUDA graph; None off GPU.
+    chain: each call's output is the next call's query (`time_torch`)."""
     import torch
 
     if not torch.cuda.is_available():
         return None
     tq = [torch.from_dlpack(qs[i][:, :, None]) for i in range(reps)]
     tkv = [(torch.from_dlpack(k), torch.from_dlpack(v)) for k, v in kv_sets]
-    return time_torch(torch_sdpa, tq, tkv, reps)
+    return time_torch(torch_sdpa, tq, tkv, reps, chain=chain)
 
 
 def tune_block_sparse(b, ctx, hkv, g, d, small):
@@ -671,6 +675,9 @@ def bench_config(b, ctx, hkv, g, d, copy_bw, best, best_bs, torch_ok, small):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
         record("torch", _try("torch", time_torch, sdpa, tq, tkv, reps), kv_bytes)
+        # Same dependence as time_jax's chain: each call's output is the next call's query.
+        record("torch_chained", _try("torch_chained", time_torch, sdpa, tq, tkv, reps,
+                                     chain=True), kv_bytes)
         del tq, tkv
 
     # Block-sparse decode with 1/8 of the 64-token blocks active per head.
@@ -781,7 +788,8 @@ def main(argv=None):
     ragged = _try("ragged", bench_ragged, tb, tctx, hkv, g, d, copy_bw, best)
     batches = (1, 2) if small else (1, 8, 32)
     ctxs = (512,) if small else (32768, 4096, 131072)  # the targets are at 32k: first
-    names = ["kernel", "kernel_nopos", "jnp_ref", "xla", "cudnn", "torch", "bs_1/8",
+    names = ["kernel", "kernel_nopos", "jnp_ref", "xla", "cudnn", "torch", "torch_chained",
+             "bs_1/8",
              "quest_1/8", "quest_sel", "quest_score", "quest32_1/8"]
     rows = []
     for ctx in ctxs:
@@ -809,7 +817,8 @@ def main(argv=None):
         kr = r.get("kernel")
         if not kr:
             continue
-        bases = {n: r[n]["us"] for n in ("xla", "cudnn", "torch", "jnp_ref") if r.get(n)}
+        bases = {n: r[n]["us"] for n in ("xla", "cudnn", "torch", "torch_chained", "jnp_ref")
+                 if r.get(n)}
         best_base = min(bases.values()) if bases else float("nan")
         sp = lambda n, r=r, kr=kr: kr["us"] / r[n]["us"] if r.get(n) else float("nan")  # noqa: E731
         log(f"{r['batch']:5d} {r['ctx']:7d}  {kr['GBps']:6.0f} GB/s {kr['pct_copy']:5.1f}%  "

@@ -8,7 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from experiments._bench import time_jax
+from experiments._bench import time_jax, time_torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
@@ -31,6 +31,22 @@ def test_time_jax_returns_time_per_call():
     qs = jnp.ones((3, 4))
     t = time_jax(fn, qs, [(jnp.float32(2.0),)], runs=2, min_seconds=1e-3)
     assert t > 0 and len(calls) == 3  # one executable of reps = 3 chained calls
+
+
+def test_time_torch_chain_feeds_each_output_to_the_next_call():
+    seen = []
+
+    def fn(q, x):
+        seen.append(q)
+        return q + x
+
+    qs = [10.0, 20.0, 30.0]
+    seen.clear()
+    assert time_torch(fn, qs, [(1.0,)], chain=True) > 0  # CPU: warm-up call, then 3 calls
+    assert seen[1:] == [10.0, 11.0, 12.0]
+    seen.clear()
+    time_torch(fn, qs, [(1.0,)])
+    assert seen[1:] == [10.0, 20.0, 30.0]
 
 
 def test_profile_kernels_cpu_smoke():
