@@ -5,10 +5,13 @@ registers or with scales folded into the small operands, register-A WGMMA) is ch
 `quantized_decode_attention.reference` on `kivi`-layout arrays repacked by `repack_int4`
 (ragged counts, partial residual, group sizes 16 / 32 / 64, 1 to 16 query heads per KV head),
 then timed on batch x context cells (default 8 x 32k; `GRID` of launch options, or
-`--configs`) next to the project's dense bf16 kernel (`ragged_decode_attention`) and the
-Triton int4 kernel (`quantized_decode_attention`, its default), all with `_bench.time_jax` in
-the same run. Shapes as bench_quant: 32 query / 8 KV heads, head dim 128, G = Gv = 32, full
-128-token residual.
+`--configs`; the words layout at 4 and 2 bits with the defaults) next to the baselines of the
+same cell: the project's dense bf16 kernel (`ragged_decode_attention`), cuDNN and XLA
+(`jax.nn.dot_product_attention`) and the Triton kernel (`quantized_decode_attention`, packed
+layout, default) at 8, 4 and 2 bits, all with `_bench.time_jax` in the same run. The run ends
+with a markdown table (`table`: us, bytes read, GB/s, % of the torch copy bandwidth measured
+in the run, speedup vs the dense kernel, cuDNN and XLA, error vs the jnp reference). Shapes as
+bench_quant: 32 query / 8 KV heads, head dim 128, G = Gv = 32, full 128-token residual.
 
     PYTHONPATH=. python3 experiments/bench_quant_mgpu.py --out $OUT          # GPU
     PYTHONPATH=. python3 experiments/bench_quant_mgpu.py --out $OUT --no_check \
@@ -30,7 +33,13 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments._bench import make_log, rel_err, time_jax  # noqa: E402
+from experiments._bench import (  # noqa: E402
+    copy_bandwidth,
+    copy_method,
+    make_log,
+    rel_err,
+    time_jax,
+)
 from experiments.bench_kernels import make_cache  # noqa: E402
 from experiments.bench_quant import QARGS, random_quantized  # noqa: E402
 from pallas_kernels import decode_attention as da  # noqa: E402
@@ -157,72 +166,97 @@ def runnable(cfg: dict, bad: set[frozenset], layout: str = "") -> bool:
 
 def bench(b: int, ctx: int, budget_end: float, grid=GRID, bad: frozenset = frozenset()
           ) -> dict:
+    """One batch x context cell: the dense bf16 kernel, cuDNN and XLA attention (the
+    baselines), the Triton kernel (packed layout) at 8 / 4 / 2 bits and the Mosaic GPU kernel
+    (int4 layout: the `grid` configs; words layout at 4 and 2 bits: defaults). row[name] is us
+    per call; row["bytes"][name] the bytes the method must read; row["err"][name] the rel. L2
+    error against the jnp reference where that fits in memory."""
     hkv, gq, d, g, r = 8, 4, 128, 32, 128
     reps = 4
-    row = {"batch": b, "ctx": ctx}
+    row: dict = {"batch": b, "ctx": ctx, "bytes": {}, "err": {}}
     qs = jax.random.normal(jax.random.key(b), (reps, b, hkv * gq, d), jnp.bfloat16)
     dbytes = b * hkv * ctx * d * 2 * 2
+
+    def record(name: str, t: float, nbytes: int, err: str = "-") -> None:
+        row[name], row["bytes"][name], row["err"][name] = t * 1e6, nbytes, err
+        vs = f"{row['dense'] / (t * 1e6):5.2f}x dense" if "dense" in row else ""
+        log(f"  {name:44s} {t * 1e6:8.1f} us {nbytes / t / 1e9:6.0f} GB/s {vs}  err {err}")
+
     k, v, lengths, _ = make_cache(jax.random.key(100), b, hkv, ctx, d, jnp.bfloat16)
-    t = time_jax(lambda q, k, v, ln: da.ragged_decode_attention(q, k, v, ln), qs,
-                 [(k, v, lengths)], reps)
-    row["dense"] = t * 1e6
-    log(f"batch {b} ctx {ctx}: dense kernel {t * 1e6:8.1f} us {dbytes / t / 1e9:6.0f} GB/s")
+    log(f"batch {b} ctx {ctx}:")
+    record("dense", time_jax(lambda q, k, v, ln: da.ragged_decode_attention(q, k, v, ln), qs,
+                             [(k, v, lengths)], reps), dbytes)
+    kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, T, N, H] for jax.nn
     del k, v
-    arrs = random_quantized(jax.random.key(7), b, hkv, ctx - r, d, 4, g, r)
-    qbytes = qda.hbm_bytes(b, hkv, ctx - r, d, 4, g) + b * hkv * r * d * 2 * 2
-    packed = tuple(arrs[n] for n in QARGS)
-    # the float32 reference dequantizes the whole cache: only where that fits next to it
-    ref = qda.reference(qs[0], *packed) if b * ctx <= 16 * 32768 else None
-
-    def err_of(out) -> str:
-        return "n/a" if ref is None else f"{rel_err(out, ref):.1e}"
-
-    def triton(bits: int) -> None:  # the Triton kernel (packed layout) on `packed`
-        t = time_jax(lambda q, *a: qda.quantized_decode_attention(q, *a), qs, [packed], reps)
-        err = err_of(qda.quantized_decode_attention(qs[0], *packed))
-        row[f"triton_int{bits}"] = t * 1e6
-        log(f"  triton int{bits} (default)        {t * 1e6:8.1f} us {qbytes / t / 1e9:6.0f} GB/s "
-            f"{row['dense'] / (t * 1e6):5.2f}x dense  err {err}")
-
-    triton(4)
-    mg = mgpu_args(arrs)
-    for cfg in grid:
+    for impl in ("cudnn", "xla"):
+        t = attempt(impl, time_jax, lambda q, kt, vt, impl=impl: jax.nn.dot_product_attention(
+            q[:, None], kt, vt, implementation=impl)[:, 0], qs, [(kt, vt)], reps)
+        if t is not None:
+            record(impl, t, dbytes)
+    del kt, vt
+    for bits in (8, 4, 2):  # Triton (packed layout), and the Mosaic GPU kernel at 4 / 2 bits
         if time.time() > budget_end:
             log("  (budget spent)")
             break
-        if not runnable(cfg, bad):
-            log(f"  mgpu {json.dumps(cfg)} skipped: its options failed the checks")
-            continue
-        f = functools.partial(qm.quantized_decode_attention_mgpu, **cfg)
-        t = attempt("mgpu " + json.dumps(cfg), time_jax, lambda q, *a, f=f: f(q, *a), qs, [mg],
-                    reps)
-        if t is None:
-            continue
-        err = err_of(f(qs[0], *mg))
-        row["mgpu " + json.dumps(cfg)] = t * 1e6
-        log(f"  mgpu int4 {json.dumps(cfg):36s} {t * 1e6:8.1f} us {qbytes / t / 1e9:6.0f} GB/s "
-            f"{row['dense'] / (t * 1e6):5.2f}x dense  err {err}")
-    for bits in (4, 2):  # the words layout (`pack_words`), defaults; int2 next to Triton int2
-        if time.time() > budget_end:
-            break
-        if bits == 2:
-            arrs = random_quantized(jax.random.key(7), b, hkv, ctx - r, d, 2, g, r)
-            qbytes = qda.hbm_bytes(b, hkv, ctx - r, d, 2, g) + b * hkv * r * d * 2 * 2
-            packed = tuple(arrs[n] for n in QARGS)
-            ref = qda.reference(qs[0], *packed) if b * ctx <= 16 * 32768 else None
-            triton(2)
-        if not runnable({}, bad, f"words{bits}"):
-            log(f"  mgpu words{bits} skipped: its check failed")
-            continue
-        mw = mgpu_args(arrs, bits)
-        f = qm.quantized_decode_attention_mgpu
-        t = attempt(f"mgpu words{bits}", time_jax, lambda q, *a, f=f: f(q, *a), qs, [mw], reps)
+        arrs = random_quantized(jax.random.key(7), b, hkv, ctx - r, d, bits, g, r)
+        qbytes = qda.hbm_bytes(b, hkv, ctx - r, d, bits, g) + b * hkv * r * d * 2 * 2
+        packed = tuple(arrs[n] for n in QARGS)
+        # the float32 reference dequantizes the whole cache: only where that fits next to it
+        ref = qda.reference(qs[0], *packed) if b * ctx <= 16 * 32768 else None
+
+        def err_of(out, ref=ref) -> str:
+            return "n/a" if ref is None else f"{rel_err(out, ref):.1e}"
+
+        t = attempt(f"triton int{bits}", time_jax,
+                    lambda q, *a: qda.quantized_decode_attention(q, *a), qs, [packed], reps)
         if t is not None:
-            row[f"mgpu words{bits}"] = t * 1e6
-            log(f"  mgpu words{bits} {{}}                 {t * 1e6:8.1f} us "
-                f"{qbytes / t / 1e9:6.0f} GB/s {row['dense'] / (t * 1e6):5.2f}x dense  "
-                f"err {err_of(f(qs[0], *mw))}")
+            record(f"triton_int{bits}", t, qbytes,
+                   err_of(qda.quantized_decode_attention(qs[0], *packed)))
+        if bits == 4:  # the int4 layout: the launch configs of `grid`
+            mg = mgpu_args(arrs)
+            for cfg in grid:
+                if time.time() > budget_end:
+                    log("  (budget spent)")
+                    break
+                if not runnable(cfg, bad):
+                    log(f"  mgpu {json.dumps(cfg)} skipped: its options failed the checks")
+                    continue
+                f = functools.partial(qm.quantized_decode_attention_mgpu, **cfg)
+                t = attempt("mgpu " + json.dumps(cfg), time_jax, lambda q, *a, f=f: f(q, *a),
+                            qs, [mg], reps)
+                if t is not None:
+                    record("mgpu " + json.dumps(cfg), t, qbytes, err_of(f(qs[0], *mg)))
+            del mg
+        if bits in qm.WORD_BITS:  # the words layout (`pack_words`), defaults
+            if not runnable({}, bad, f"words{bits}"):
+                log(f"  mgpu words{bits} skipped: its check failed")
+                continue
+            mw = mgpu_args(arrs, bits)
+            f = qm.quantized_decode_attention_mgpu
+            t = attempt(f"mgpu words{bits}", time_jax, lambda q, *a, f=f: f(q, *a), qs, [mw],
+                        reps)
+            if t is not None:
+                record(f"mgpu words{bits}", t, qbytes, err_of(f(qs[0], *mw)))
+        del arrs, packed, ref
     return row
+
+
+def table(rows: list[dict], copy_bw: float | None = None) -> list[str]:
+    """Markdown table of `bench` rows: time, bytes, GB/s (and % of `copy_bw`), speedup
+    against the dense kernel, cuDNN and XLA of the same cell, error."""
+    lines = ["| context | batch | method | us | MB read | GB/s | " + "% copy bw | " * bool(copy_bw)
+             + "vs dense kernel | vs cuDNN | vs XLA | rel. err |",
+             "|---:|---:|---|---:|---:|---:|" + "---:|" * bool(copy_bw) + "---:|---:|---:|---:|"]
+    for r in rows:
+        for name, nbytes in r["bytes"].items():
+            us = r[name]
+            sp = [f"{r[base] / us:.2f}x" if base in r else "-"
+                  for base in ("dense", "cudnn", "xla")]
+            pct = f"{100 * nbytes / (us * 1e-6) / copy_bw:.0f}% | " if copy_bw else ""
+            lines.append(f"| {r['ctx']} | {r['batch']} | {name} | {us:.1f} | {nbytes / 1e6:.0f} | "
+                         f"{nbytes / (us * 1e-6) / 1e9:.0f} | {pct}{' | '.join(sp)} | "
+                         f"{r['err'][name]} |")
+    return lines
 
 
 def main() -> None:
@@ -266,6 +300,11 @@ def main() -> None:
     cells = [(int(b), int(c)) for c in args.contexts.split(",") for b in args.batches.split(",")
              if b and c]
     rows = [bench(b, c, end, grid, frozenset(bad)) for b, c in cells]
+    bw = copy_bandwidth(2 * 2**30) if rows and copy_method() == "torch" else None
+    if bw:
+        log(f"copy bandwidth (torch D2D, read + write): {bw / 1e12:.3f} TB/s")
+    for line in table(rows, bw):
+        log(line)
     with open(os.path.join(args.out, "quant_mgpu.json"), "w") as f:
         json.dump({"failed_checks": sorted(sorted(c) for c in bad), "rows": rows}, f,
                   indent=1)

@@ -9,6 +9,7 @@ the whole Pallas -> Mosaic GPU pipeline (shape, layout and shared-memory errors 
 """
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -214,3 +215,20 @@ def test_bench_skips_options_that_failed_their_checks():
     assert bqm.runnable({"hoist_index": False}, {frozenset({"hoist_index"})})
     assert not bqm.runnable({"hoist_index": False}, {frozenset()})  # no options: all skipped
     assert bqm.runnable({"fold_keys": False}, {frozenset({"fold_keys"})})
+
+
+def test_bench_cell_and_table_on_cpu():
+    """The bench's CPU path: baselines and the Triton kernels (interpreted) are timed and
+    checked against the reference; the Mosaic GPU calls fail with a logged line (no GPU); the
+    table gives each timed method its bytes and its ratios to the cell's baselines."""
+    row = bqm.bench(1, 256, time.time() + 600, grid=({},))
+    for name in ("dense", "xla", "triton_int8", "triton_int4", "triton_int2"):
+        assert row[name] > 0 and row["bytes"][name] > 0
+    for bits in (8, 4, 2):
+        assert float(row["err"][f"triton_int{bits}"]) < 1e-2
+    assert row["bytes"]["triton_int2"] < row["bytes"]["triton_int4"] < row["bytes"]["dense"]
+    assert not any(k.startswith("mgpu") for k in row)  # interpret-only backend: not timed
+    lines = bqm.table([row], 3e12)
+    assert len(lines) == 2 + len(row["bytes"])
+    dense = next(ln for ln in lines if "| dense |" in ln)
+    assert "| 1.00x |" in dense and dense.count("|") == lines[0].count("|")
