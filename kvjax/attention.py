@@ -141,7 +141,7 @@ def use_decode_kernel(q: Array, layer: LayerCache) -> bool:
 
     Decode (Tq == 1) on a GPU, with power-of-two head dims in [16, 512] and q, keys and values
     of one dtype among bf16/fp16/fp32 (the kernel's domain); everything else, and every
-    CPU/TPU call, takes the reference.
+    CPU call, takes the reference (TPU: `use_tpu_decode_kernel`).
     """
     from pallas_kernels import decode_attention as da
 
@@ -156,6 +156,21 @@ def use_decode_kernel(q: Array, layer: LayerCache) -> bool:
     )
 
 
+# `pallas_kernels.decode_attention_tpu` is compiled for TPU v4 / v5e / v6e by libtpu (ahead of
+# time, on a CPU host) and checked in the Pallas TPU interpreter, but has not run or been timed
+# on a TPU; decode on TPU takes the reference unless this is set.
+TPU_DECODE_KERNEL = False
+
+
+def use_tpu_decode_kernel(q: Array, layer: LayerCache) -> bool:
+    """Whether `impl="auto"` runs the TPU ragged decode kernel: decode (Tq == 1) on a TPU where
+    `TPU_DECODE_KERNEL` is set, q, keys and values of one dtype among bf16 / float32."""
+    from pallas_kernels import decode_attention_tpu as dt
+
+    return (TPU_DECODE_KERNEL and kernel_platform() == "tpu" and q.shape[2] == 1
+            and dt.supported(q, layer.keys, layer.values))
+
+
 def dense_attend(
     q: Array,
     q_positions: Array,
@@ -167,22 +182,26 @@ def dense_attend(
     """Attention over a dense LayerCache.
 
     impl="auto" runs `pallas_kernels.decode_attention.ragged_decode_attention` for decode
-    (Tq == 1) on GPU (see `use_decode_kernel`), with the cache positions so its mask equals the
-    reference's exactly and `slot_data["log_count"]` (merged slots) as its per-slot score bias;
-    otherwise (and with impl="reference") the jnp reference.
+    (Tq == 1) on GPU (see `use_decode_kernel`), and `decode_attention_tpu` on TPU where
+    `TPU_DECODE_KERNEL` is set, with the cache positions so the mask equals the reference's
+    exactly and `slot_data["log_count"]` (merged slots) as the per-slot score bias; otherwise
+    (and with impl="reference") the jnp reference.
     """
     if q.shape[-1] != layer.head_dim:
         raise ValueError(f"q head dim {q.shape[-1]} != cache head dim {layer.head_dim}")
+    kernel = None
     if impl == "auto" and use_decode_kernel(q, layer):
-        from pallas_kernels.decode_attention import ragged_decode_attention
-
-        out = ragged_decode_attention(
-            q[:, :, 0], layer.keys, layer.values, layer.lengths,
-            kv_positions=layer.positions, q_positions=q_positions[:, 0],
-            kv_bias=layer.slot_data.get("log_count"), scale=scale, sliding_window=sliding_window,
-        )
-        return out[:, :, None]
-    return reference_attention(q, q_positions, layer, scale, sliding_window)
+        from pallas_kernels.decode_attention import ragged_decode_attention as kernel
+    elif impl == "auto" and use_tpu_decode_kernel(q, layer):
+        from pallas_kernels.decode_attention_tpu import ragged_decode_attention_tpu as kernel
+    if kernel is None:
+        return reference_attention(q, q_positions, layer, scale, sliding_window)
+    out = kernel(
+        q[:, :, 0], layer.keys, layer.values, layer.lengths,
+        kv_positions=layer.positions, q_positions=q_positions[:, 0],
+        kv_bias=layer.slot_data.get("log_count"), scale=scale, sliding_window=sliding_window,
+    )
+    return out[:, :, None]
 
 
 AttendFn = Callable[..., Array]

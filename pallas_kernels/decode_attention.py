@@ -38,9 +38,11 @@ has q's dtype. fp32 dots run at full precision (no TF32).
 Backends: the kernel is written for the Pallas Triton backend (`pl.pallas_call` with
 `jax.experimental.pallas.triton.CompilerParams`), checked and timed on an H100 with jax 0.11.2
 (see docs/benchmarks.md). On CPU it runs with `interpret=True`, chosen automatically, and is
-tested there against `reference` (jax 0.10.2). TPU: not implemented (the masked pointer loads
-are Triton-only); `kvjax.attention` uses the reference there. Block shapes (block_k a multiple
-of 8/128 rows, D = 128) are TPU-tileable if a Mosaic variant is added.
+tested there against `reference` (jax 0.10.2). TPU: the masked pointer loads are Triton-only;
+`decode_attention_tpu` is the Mosaic TPU variant for the plain layout (BlockSpec pipeline,
+scalar-prefetched lengths; compiled for TPU v4 / v5e / v6e by libtpu on a CPU host, checked in
+the TPU interpreter, not yet run on a TPU; `kvjax.attention.TPU_DECODE_KERNEL` switches its
+dispatch on).
 """
 
 from __future__ import annotations

@@ -2,8 +2,12 @@ import gc
 import os
 import sys
 
-import jax
-import pytest
+# CPU only: libtpu (a test dependency, for ahead-of-time TPU compiles in a subprocess) must not
+# make every test process probe for a TPU. Subprocesses inherit this.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # Tests import helpers (tests/hf_models.py) as top-level modules.
 sys.path.insert(0, os.path.dirname(__file__))
