@@ -5,6 +5,7 @@ Tolerances: float32 1e-5 (max abs, outputs of unit-variance values); bf16 2e-2 (
 probabilities times bf16 values, float32 accumulation).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -159,3 +160,14 @@ def test_dense_attend_dispatches_tpu_decode_where_switched_on(monkeypatch):
     half = LayerCache(k.astype(jnp.float16), v.astype(jnp.float16), lengths, layer.positions)
     attention.attend(q[:, :, None].astype(jnp.float16), qpos, half)
     assert calls == [1]
+
+
+def test_tpu_bench_quick_cpu(tmp_path):
+    """The TPU benchmark's CPU smoke run: every kernel config passes its check and is timed."""
+    proc = subprocess.run([sys.executable, os.path.join("experiments", "bench_tpu_decode.py"),
+                           "--quick", f"--out={tmp_path}"], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "WRONG" not in proc.stdout and "FAILED" not in proc.stdout, proc.stdout
+    rows = json.load(open(tmp_path / "tpu_decode.json"))["rows"]
+    assert {"kernel block_k 128", "kernel block_k 256", "reference (jnp)"} <= set(rows[0])

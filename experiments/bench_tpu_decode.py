@@ -1,0 +1,128 @@
+"""Times the TPU ragged decode kernel against XLA on a TPU (none in this workplace yet).
+
+`pallas_kernels/decode_attention_tpu.py` (Mosaic TPU) at each batch x context cell, for each
+`--block_k`, next to the jnp reference (`decode_attention.reference`, what `kvjax.attention`
+runs on TPU with `TPU_DECODE_KERNEL` off) and `jax.nn.dot_product_attention` (XLA), all with
+`_bench.time_jax` in the same run; bytes are K + V (+ 4 B per slot of positions for the kernel
+and the reference), % of the copy bandwidth measured in the run (a jitted copy, bytes read +
+written). Each kernel config is checked against the reference before it is timed. bf16, 32
+query / 8 KV heads, head dim 128, full lengths, positions.
+
+    python experiments/bench_tpu_decode.py --out $OUT     # on a TPU VM / Colab
+    python experiments/bench_tpu_decode.py --quick        # CPU smoke (interpreter)
+
+Then, if the kernel wins: `kvjax.attention.TPU_DECODE_KERNEL = True` by default, and the best
+`--block_k` as `decode_attention_tpu.BLOCK_K`, with the figures in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments._bench import make_log, rel_err, time_jax  # noqa: E402
+from pallas_kernels import decode_attention as da  # noqa: E402
+from pallas_kernels import decode_attention_tpu as dt  # noqa: E402
+
+LOG: list[str] = []
+log, attempt = make_log(LOG)
+
+
+def copy_bandwidth_jax(nbytes: int) -> float:
+    """Bytes read + written per second by a jitted copy of a bf16 buffer of `nbytes`."""
+    x = jnp.zeros((nbytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda x: x + jnp.bfloat16(1))
+    jax.block_until_ready(f(x))
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        ts.append(time.perf_counter() - t0)
+    return 2 * nbytes / min(ts)
+
+
+def bench(b: int, ctx: int, block_ks: list[int], copy_bw: float, hkv: int = 8, g: int = 4,
+          d: int = 128) -> dict:
+    """One cell: reference, XLA dot_product_attention and the kernel per block_k (us)."""
+    reps = 4
+    ks = jax.random.split(jax.random.key(b * 7919 + ctx), 4)
+    qs = jax.random.normal(ks[0], (reps, b, hkv * g, d), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (b, hkv, ctx, d), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (b, hkv, ctx, d), jnp.bfloat16)
+    lengths = jnp.full((b, hkv), ctx, jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(ctx, dtype=jnp.int32), (b, hkv, ctx))
+    qpos = jnp.full((b,), ctx, jnp.int32)
+    kv_bytes = 2 * k.size * 2
+    row: dict = {"batch": b, "ctx": ctx}
+
+    def record(name: str, t: float | None, nbytes: int) -> None:
+        if t is None:
+            return
+        row[name] = t * 1e6
+        log(f"  {name:28s} {t * 1e6:9.1f} us {nbytes / t / 1e9:7.0f} GB/s "
+            f"{100 * nbytes / t / copy_bw:5.1f}% of copy")
+
+    log(f"batch {b} ctx {ctx}:")
+    sets = [(k, v, lengths, pos, qpos)]
+    ref_fn = lambda q, k, v, ln, p, qp: da.reference(  # noqa: E731
+        q, k, v, ln, kv_positions=p, q_positions=qp)
+    record("reference (jnp)", attempt("reference", time_jax, ref_fn, qs, sets, reps),
+           kv_bytes + pos.size * 4)
+    kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    dpa = lambda q, kt, vt: jax.nn.dot_product_attention(q[:, None], kt, vt)[:, 0]  # noqa: E731
+    record("xla dot_product_attention", attempt("xla", time_jax, dpa, qs, [(kt, vt)], reps),
+           kv_bytes)
+    del kt, vt
+    ref = ref_fn(qs[0], *sets[0])
+    for bk in block_ks:
+        def kern(q, k, v, ln, p, qp, bk=bk):
+            return dt.ragged_decode_attention_tpu(q, k, v, ln, kv_positions=p, q_positions=qp,
+                                                  block_k=bk)
+
+        out = attempt(f"kernel block_k {bk}", jax.jit(kern), qs[0], *sets[0])
+        if out is None:
+            continue
+        err = rel_err(out, ref)
+        if not err < 1e-2:
+            log(f"  kernel block_k {bk}: WRONG (rel. err {err:.2e}), not timed")
+            continue
+        record(f"kernel block_k {bk}", attempt(f"kernel {bk}", time_jax, kern, qs, sets, reps),
+               kv_bytes + pos.size * 4)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "runs/tpu_decode"))
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--contexts", default="4096,32768")
+    ap.add_argument("--block_k", default="512,1024,2048")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke test: tiny shapes")
+    args = ap.parse_args()
+    log(f"devices {jax.devices()} jax {jax.__version__}")
+    block_ks = [int(x) for x in args.block_k.split(",")]
+    cells = [(int(b), int(c)) for c in args.contexts.split(",") for b in args.batches.split(",")]
+    if args.quick:
+        cells, block_ks = [(1, 384)], [128, 256]
+    copy_bw = copy_bandwidth_jax(2**26 if args.quick else 2**31)
+    log(f"copy bandwidth (jitted x + 1, read + write): {copy_bw / 1e9:.0f} GB/s")
+    rows = [bench(b, c, block_ks, copy_bw, **({"hkv": 2, "d": 128} if args.quick else {}))
+            for b, c in cells]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "tpu_decode.json"), "w") as f:
+        json.dump({"copy_bw": copy_bw, "rows": rows, "jax": jax.__version__,
+                   "device": str(jax.devices()[0])}, f, indent=1)
+    with open(os.path.join(args.out, "log.txt"), "w") as f:
+        f.write("\n".join(LOG) + "\n")
+
+
+if __name__ == "__main__":
+    main()
