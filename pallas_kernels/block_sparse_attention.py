@@ -35,7 +35,10 @@ and `decode_pattern` (the same per head at decode, from the dynamic lengths) bui
 
 Backends: Pallas Triton on GPU (timed on an H100 with jax 0.11.2, docs/benchmarks.md);
 `interpret=True` on CPU, chosen automatically (tested against `reference_*` with jax 0.10.2).
-TPU is not implemented (gathered pointer loads are Triton-only).
+TPU: the gathered pointer loads are Triton-only; `block_sparse_attention_tpu` is the Mosaic TPU
+variant of the decode kernel (the lists scalar-prefetched into BlockSpec index maps; compiled
+for TPU v4 / v5e / v6e by libtpu on a CPU host, checked in the TPU interpreter, not yet run on a
+TPU). Prefill has no TPU variant.
 """
 
 from __future__ import annotations

@@ -68,6 +68,58 @@ def _kv_index(b, h, j, lengths_ref, qpos_ref, *, block_k):
     return b, h, jnp.minimum(j, last), 0
 
 
+def init_state(m_ref, l_ref, acc_ref) -> None:
+    """Online-softmax state in VMEM: running max m [G, 128] (repeated over the lanes), running
+    sum l [G, 128], unnormalised output acc [G, Dv], all float32."""
+    m_ref[...] = jnp.full(m_ref.shape, _NEG, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+
+def slot_mask(slot, length, kpos_ref, qpos, window):
+    """bool[., T]: slots (int32[., T]) below the head's length and, with positions (kpos_ref
+    [1, T]), 0 <= position <= qpos and qpos - position < window when a window is set."""
+    ok = slot < length
+    if kpos_ref is not None:
+        kp = kpos_ref[...]
+        ok = ok & (kp >= 0) & (kp <= qpos)
+        if window is not None:
+            ok = ok & (qpos - kp < window)
+    return ok
+
+
+def update_state(q, k, v, ok, bias, m_ref, l_ref, acc_ref, *, scale, precision) -> None:
+    """One online-softmax step of queries q [G, D] over keys k [T, D] and values v [T, Dv]:
+    ok bool[G or 1, T] masks slots, bias float[1, T] (or None) is added to the scaled scores."""
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                        precision=precision) * scale
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)
+    s = jnp.where(ok, s, -jnp.inf)
+    m_prev = m_ref[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    alpha = jnp.exp(m_prev - m_new)
+    p = jnp.exp(s - m_new[:, :1])
+    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+    m_ref[...] = m_new
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32, precision=precision)
+    acc_ref[...] = acc_ref[...] * alpha[:, :1] + pv
+
+
+def write_output(o_ref, l_ref, acc_ref) -> None:
+    """acc / l into o_ref; rows that saw no slot (l == 0) get zeros."""
+    den = l_ref[...][:, :1]
+    out = jnp.where(den > 0, acc_ref[...] / jnp.where(den > 0, den, 1.0), 0.0)
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def state_scratch(rows: int, dv: int) -> list:
+    """VMEM scratch for `init_state` / `update_state` / `write_output`."""
+    return [pltpu.VMEM((rows, LANES), jnp.float32), pltpu.VMEM((rows, LANES), jnp.float32),
+            pltpu.VMEM((rows, dv), jnp.float32)]
+
+
 def _kernel(lengths_ref, qpos_ref, q_ref, k_ref, v_ref, *refs, block_k, scale, window,
             has_pos, has_bias, num_blocks, precision, capacity):
     i = 0
@@ -79,48 +131,20 @@ def _kernel(lengths_ref, qpos_ref, q_ref, k_ref, v_ref, *refs, block_k, scale, w
     o_ref, m_ref, l_ref, acc_ref = refs[i:]
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length = lengths_ref[b, h]
-
-    @pl.when(j == 0)
-    def _init():
-        m_ref[...] = jnp.full(m_ref.shape, _NEG, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    pl.when(j == 0)(lambda: init_state(m_ref, l_ref, acc_ref))
 
     @pl.when(j * block_k < length)
     def _step():
-        q = q_ref[...]  # [G, D]
-        s = lax.dot_general(q, k_ref[...], (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32, precision=precision) * scale
-        slot = j * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        ok = slot < length
-        if has_pos:
-            kp = kpos_ref[...]  # [1, block_k]
-            qp = qpos_ref[b]
-            ok = ok & (kp >= 0) & (kp <= qp)
-            if window is not None:
-                ok = ok & (qp - kp < window)
-        if has_bias:
-            s = s + bias_ref[...].astype(jnp.float32)
-        s = jnp.where(ok, s, -jnp.inf)
-        m_prev = m_ref[...]  # [G, 128], the running max repeated over the lanes
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        alpha = jnp.exp(m_prev - m_new)
-        p = jnp.exp(s - m_new[:, :1])
-        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
-        m_ref[...] = m_new
+        slot = j * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+        ok = slot_mask(slot, length, kpos_ref, qpos_ref[b], window)
         v = v_ref[...]
         if capacity % block_k:  # the last block's rows past the capacity hold padding
             row = j * block_k + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
             v = jnp.where(row < capacity, v, jnp.zeros_like(v))
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32, precision=precision)
-        acc_ref[...] = acc_ref[...] * alpha[:, :1] + pv
+        update_state(q_ref[...], k_ref[...], v, ok, None if bias_ref is None else bias_ref[...],
+                     m_ref, l_ref, acc_ref, scale=scale, precision=precision)
 
-    @pl.when(j == num_blocks - 1)
-    def _finish():
-        den = l_ref[...][:, :1]
-        out = jnp.where(den > 0, acc_ref[...] / jnp.where(den > 0, den, 1.0), 0.0)
-        o_ref[...] = out.astype(o_ref.dtype)
+    pl.when(j == num_blocks - 1)(lambda: write_output(o_ref, l_ref, acc_ref))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "block_k", "interpret"))
@@ -162,9 +186,7 @@ def _decode(q, keys, values, lengths, kv_positions, q_positions, kv_bias, *, sca
             grid=(b, hkv, nk),
             in_specs=in_specs,
             out_specs=pl.BlockSpec((None, None, g, dv), head_map),
-            scratch_shapes=[pltpu.VMEM((g, LANES), jnp.float32),
-                            pltpu.VMEM((g, LANES), jnp.float32),
-                            pltpu.VMEM((g, dv), jnp.float32)],
+            scratch_shapes=state_scratch(g, dv),
         ),
         out_shape=jax.ShapeDtypeStruct((b, hkv, g, dv), q.dtype),
         compiler_params=pltpu.CompilerParams(

@@ -27,7 +27,8 @@ for pages holding no key); lengths int32[B, Hkv]; scores float32[B, Hkv, NP].
 
 Backends: Pallas Triton (written for the H100 runs of experiments/bench_kernels.py); on CPU
 `interpret=True`, chosen automatically, tested against `reference_page_scores` /
-`reference_top_pages` (jax 0.10.2). TPU: not implemented (scattered stores are Triton-only).
+`reference_top_pages` (jax 0.10.2). TPU: not implemented (scattered stores are Triton-only);
+Quest on TPU selects with the jnp scores and top-k (`kvjax.sparse.quest.select_pages`).
 """
 
 from __future__ import annotations

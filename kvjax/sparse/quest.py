@@ -206,8 +206,10 @@ def quest_attend(
 
     impl="auto" on GPU (power-of-two head dims, one dtype among bf16/fp16/fp32) selects pages
     with the Pallas kernels of `pallas_kernels.quest_select` and attends with the block-sparse
-    decode kernel (launch parameters from `quest_select.TUNED_QUEST`); "reference" (and any
-    CPU/TPU call) the jnp selection and the jnp block-sparse reference.
+    decode kernel (launch parameters from `quest_select.TUNED_QUEST`); on TPU where
+    `kvjax.attention.TPU_DECODE_KERNEL` is set, the jnp selection and
+    `block_sparse_attention_tpu`; "reference" (and any other call) the jnp selection and the
+    jnp block-sparse reference.
     """
     if q.shape[-1] != layer.head_dim:
         raise ValueError(f"q head dim {q.shape[-1]} != cache head dim {layer.head_dim}")
@@ -218,6 +220,8 @@ def quest_attend(
     from pallas_kernels import quest_select as qs
 
     kernel = impl == "auto" and attention.use_decode_kernel(q, layer.dense())
+    tpu = (impl == "auto" and not kernel and layer.page_size >= 8
+           and attention.use_tpu_decode_kernel(q, layer.dense()))
     idx, count = select_pages(q[:, :, 0], layer, "pallas" if kernel else "jnp")
     kwargs = dict(block_size=layer.page_size, kv_positions=layer.positions,
                   q_positions=q_positions[:, 0], kv_bias=layer.slot_data.get("log_count"),
@@ -226,6 +230,10 @@ def quest_attend(
     if kernel:
         out = bsa.block_sparse_decode(*args, block_k=qs.TUNED_QUEST["block_k"],
                                       list_mode=qs.TUNED_QUEST["list_mode"], **kwargs)
+    elif tpu:
+        from pallas_kernels import block_sparse_attention_tpu as bt
+
+        out = bt.block_sparse_decode_tpu(*args, **kwargs)
     else:
         out = bsa.reference_decode(*args, **kwargs)
     return out[:, :, None]
