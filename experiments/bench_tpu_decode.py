@@ -1,7 +1,8 @@
 """Times the TPU ragged decode kernel against XLA on a TPU (none in this workplace yet).
 
 `pallas_kernels/decode_attention_tpu.py` (Mosaic TPU) at each batch x context cell, for each
-`--block_k`, next to the jnp reference (`decode_attention.reference`, what `kvjax.attention`
+`--block_k`, and `block_sparse_attention_tpu.py` with 1/8 of the 64- and 16-slot blocks listed,
+next to the jnp reference (`decode_attention.reference`, what `kvjax.attention`
 runs on TPU with `TPU_DECODE_KERNEL` off) and `jax.nn.dot_product_attention` (XLA), all with
 `_bench.time_jax` in the same run; bytes are K + V (+ 4 B per slot of positions for the kernel
 and the reference), % of the copy bandwidth measured in the run (a jitted copy, bytes read +
@@ -29,6 +30,9 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments._bench import make_log, rel_err, time_jax  # noqa: E402
+from experiments.bench_kernels import random_blocks  # noqa: E402
+from pallas_kernels import block_sparse_attention as bsa  # noqa: E402
+from pallas_kernels import block_sparse_attention_tpu as bt  # noqa: E402
 from pallas_kernels import decode_attention as da  # noqa: E402
 from pallas_kernels import decode_attention_tpu as dt  # noqa: E402
 
@@ -96,6 +100,24 @@ def bench(b: int, ctx: int, block_ks: list[int], copy_bw: float, hkv: int = 8, g
             continue
         record(f"kernel block_k {bk}", attempt(f"kernel {bk}", time_jax, kern, qs, sets, reps),
                kv_bytes + pos.size * 4)
+    # block-sparse decode (`block_sparse_attention_tpu`), 1/8 of the blocks listed per head
+    for bs in (64, 16):
+        idx, cnt = random_blocks(b, hkv, ctx // bs, 8)
+
+        def sparse(q, k, v, ln, p, qp, bs=bs, idx=idx, cnt=cnt):
+            return bt.block_sparse_decode_tpu(q, k, v, ln, idx, cnt, block_size=bs,
+                                              kv_positions=p, q_positions=qp)
+
+        out = attempt(f"block-sparse {bs}", jax.jit(sparse), qs[0], *sets[0])
+        want = bsa.reference_decode(qs[0], k, v, lengths, idx, cnt, block_size=bs,
+                                    kv_positions=pos, q_positions=qpos)
+        if out is None or not rel_err(out, want) < 1e-2:
+            log(f"  block-sparse {bs}: failed or WRONG, not timed")
+            continue
+        frac = int(cnt[0, 0]) / (ctx // bs)
+        record(f"block-sparse 1/8 of {bs}-slot blocks",
+               attempt(f"block-sparse {bs}", time_jax, sparse, qs, sets, reps),
+               int(frac * (kv_bytes + pos.size * 4)))
     return row
 
 
@@ -111,7 +133,7 @@ def main() -> None:
     block_ks = [int(x) for x in args.block_k.split(",")]
     cells = [(int(b), int(c)) for c in args.contexts.split(",") for b in args.batches.split(",")]
     if args.quick:
-        cells, block_ks = [(1, 384)], [128, 256]
+        cells, block_ks = [(1, 512)], [128, 256]
     copy_bw = copy_bandwidth_jax(2**26 if args.quick else 2**31)
     log(f"copy bandwidth (jitted x + 1, read + write): {copy_bw / 1e9:.0f} GB/s")
     rows = [bench(b, c, block_ks, copy_bw, **({"hkv": 2, "d": 128} if args.quick else {}))

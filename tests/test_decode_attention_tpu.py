@@ -170,4 +170,6 @@ def test_tpu_bench_quick_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "WRONG" not in proc.stdout and "FAILED" not in proc.stdout, proc.stdout
     rows = json.load(open(tmp_path / "tpu_decode.json"))["rows"]
-    assert {"kernel block_k 128", "kernel block_k 256", "reference (jnp)"} <= set(rows[0])
+    assert {"kernel block_k 128", "kernel block_k 256", "reference (jnp)",
+            "block-sparse 1/8 of 64-slot blocks",
+            "block-sparse 1/8 of 16-slot blocks"} <= set(rows[0])
