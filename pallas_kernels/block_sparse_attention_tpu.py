@@ -40,6 +40,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.block_sparse_attention import _check_common, _check_lists
 from pallas_kernels.decode_attention_tpu import (
     DTYPES,
+    aot_compile,
     init_state,
     slot_mask,
     state_scratch,
@@ -202,16 +203,9 @@ def block_sparse_decode_tpu(
 
 
 def compile_for_tpu(topology: str, *args, **kwargs):
-    """Compiles `block_sparse_decode_tpu(*args, **kwargs)` ahead of time for one device of a
-    TPU `topology` (as `decode_attention_tpu.compile_for_tpu`; args may be
-    `jax.ShapeDtypeStruct`s, None for absent optional arrays, in the order q, keys, values,
-    lengths, block_indices, block_counts, kv_positions, q_positions, kv_bias)."""
-    from jax.experimental import topologies  # noqa: PLC0415 - needs libtpu at call time
-
-    dev = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
-    sharding = jax.sharding.SingleDeviceSharding(dev)
-    avals = [None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-             for x in args]
+    """`decode_attention_tpu.aot_compile` of `block_sparse_decode_tpu(*args, **kwargs)` (args
+    in the order q, keys, values, lengths, block_indices, block_counts, kv_positions,
+    q_positions, kv_bias; None for absent optional arrays)."""
 
     def f(q, keys, values, lengths, idx, cnt, kv_positions=None, q_positions=None,
           kv_bias=None):
@@ -219,4 +213,4 @@ def compile_for_tpu(topology: str, *args, **kwargs):
                                        kv_positions=kv_positions, q_positions=q_positions,
                                        kv_bias=kv_bias, interpret=False, **kwargs)
 
-    return jax.jit(f).trace(*avals).lower(lowering_platforms=("tpu",)).compile()
+    return aot_compile(topology, f, *args)
