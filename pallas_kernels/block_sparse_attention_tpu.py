@@ -58,6 +58,16 @@ def default_blocks_per_step(block_size: int) -> int:
     return max(1, min(MAX_BLOCKS_PER_STEP, 512 // block_size))
 
 
+def supported(q: Array, keys: Array, values: Array, block_size: int) -> bool:
+    """Whether the kernel takes these decode inputs (the entry point raises for the rest): one
+    dtype among bf16 / float32, power-of-two head dims in [16, 512] (as the GPU kernel), a
+    power-of-two block size >= 8 dividing the capacity."""
+    dims_ok = all(d & (d - 1) == 0 and 16 <= d <= 512 for d in (keys.shape[-1], values.shape[-1]))
+    return (q.dtype == keys.dtype == values.dtype and jnp.dtype(q.dtype) in DTYPES and dims_ok
+            and block_size >= 8 and block_size & (block_size - 1) == 0
+            and keys.shape[2] % block_size == 0)
+
+
 def _entry_index(b, h, j, lengths_ref, qpos_ref, idx_ref, cnt_ref, *, t, per_step):
     """Block of list entry j P + t of head (b, h) in the [B, Hkv, NB, ...] view; entries past
     the count take the last listed block (entry 0 of an empty list), so no new DMA."""

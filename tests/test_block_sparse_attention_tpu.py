@@ -155,3 +155,14 @@ def test_compiles_for_tpu_with_libtpu():
     compiled = [ln for ln in proc.stdout.splitlines() if ln.startswith("COMPILED")]
     assert proc.returncode == 0 and len(compiled) == 3 * len(topologies), (
         proc.stdout[-2000:] + proc.stderr[-3000:])
+
+
+def test_supported_shapes():
+    args, _, _ = _case(0, jnp.float32)
+    q, k, v = args[:3]
+    assert bt.supported(q, k, v, 16)
+    assert not bt.supported(q, k, v, 4)  # below a sublane tile
+    assert not bt.supported(q, k, v, 48)  # not a power of two
+    assert not bt.supported(q.astype(jnp.float16), k.astype(jnp.float16), v.astype(jnp.float16),
+                            16)
+    assert not bt.supported(q[..., :80], k[..., :80], v[..., :80], 16)  # head dim 80

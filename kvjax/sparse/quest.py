@@ -217,11 +217,12 @@ def quest_attend(
         return attention.dense_attend(q, q_positions, layer.dense(), scale, sliding_window,
                                       impl)
     from pallas_kernels import block_sparse_attention as bsa
+    from pallas_kernels import block_sparse_attention_tpu as bt
     from pallas_kernels import quest_select as qs
 
     kernel = impl == "auto" and attention.use_decode_kernel(q, layer.dense())
-    tpu = (impl == "auto" and not kernel and layer.page_size >= 8
-           and attention.use_tpu_decode_kernel(q, layer.dense()))
+    tpu = (impl == "auto" and not kernel and attention.use_tpu_decode_kernel(q, layer.dense())
+           and bt.supported(q, layer.keys, layer.values, layer.page_size))
     idx, count = select_pages(q[:, :, 0], layer, "pallas" if kernel else "jnp")
     kwargs = dict(block_size=layer.page_size, kv_positions=layer.positions,
                   q_positions=q_positions[:, 0], kv_bias=layer.slot_data.get("log_count"),
@@ -231,8 +232,6 @@ def quest_attend(
         out = bsa.block_sparse_decode(*args, block_k=qs.TUNED_QUEST["block_k"],
                                       list_mode=qs.TUNED_QUEST["list_mode"], **kwargs)
     elif tpu:
-        from pallas_kernels import block_sparse_attention_tpu as bt
-
         out = bt.block_sparse_decode_tpu(*args, **kwargs)
     else:
         out = bsa.reference_decode(*args, **kwargs)
