@@ -641,6 +641,20 @@ def use_mgpu_kernel(layer: QuantizedLayerCache, q: Array, sliding_window: int | 
     )
 
 
+def use_tpu_kernel(layer: QuantizedLayerCache, q: Array, sliding_window: int | None,
+                   impl: str) -> bool:
+    """The TPU kernel serves packed-layout decode (one query per row, no window, bf16 scales)
+    on TPU where `kvjax.attention.TPU_DECODE_KERNEL` is set (compiled, not yet run on a TPU)."""
+    from pallas_kernels import quantized_decode_attention_tpu as qt
+
+    return (
+        impl == "auto" and kvattention.TPU_DECODE_KERNEL
+        and kvattention.kernel_platform() == "tpu" and q.shape[2] == 1
+        and sliding_window is None and not layer.int4_layout and not layer.words_layout
+        and qt.supported(q, layer.k_scale)
+    )
+
+
 def kernel_partials(q: Array, layer: QuantizedLayerCache, scale: float | None, **kwargs):
     """Split-K partials of decode queries q [B, Hq, D] over the cache (see the kernel module)."""
     from pallas_kernels import quantized_decode_attention as qda
@@ -661,8 +675,9 @@ def quantized_attend(
     impl: str = "auto",
 ) -> Array:
     """Attention over a QuantizedLayerCache: for GPU decode the Triton kernel (packed layout)
-    or, on Hopper, the Mosaic GPU kernel (int4 layout), else the reference (dequantize to
-    float32, `kvjax.attention.reference_attention`)."""
+    or, on Hopper, the Mosaic GPU kernel (int4 layout); for TPU decode where
+    `kvjax.attention.TPU_DECODE_KERNEL` is set the TPU kernel (packed layout); else the
+    reference (dequantize to float32, `kvjax.attention.reference_attention`)."""
     if q.shape[-1] != layer.head_dim:
         raise ValueError(f"q head dim {q.shape[-1]} != cache head dim {layer.head_dim}")
     if use_kernel(layer, q, sliding_window, impl):
@@ -678,6 +693,14 @@ def quantized_attend(
             layer.v_scale, layer.v_zero, layer.num_quantized, layer.residual_keys,
             layer.residual_values, layer.num_residual, scale=scale,
             block_tokens=qm.default_block_tokens(layer.quantized_capacity))
+        return out[:, :, None]
+    if use_tpu_kernel(layer, q, sliding_window, impl):
+        from pallas_kernels import quantized_decode_attention_tpu as qt
+
+        out = qt.quantized_decode_attention_tpu(
+            q[:, :, 0], layer.k_codes, layer.k_scale, layer.k_zero, layer.v_codes,
+            layer.v_scale, layer.v_zero, layer.num_quantized, layer.residual_keys,
+            layer.residual_values, layer.num_residual, scale=scale)
         return out[:, :, None]
     return kvattention.reference_attention(q, q_positions, layer.to_dense(), scale, sliding_window)
 
