@@ -1,13 +1,15 @@
-"""Times the TPU ragged decode kernel against XLA on a TPU (none in this workplace yet).
+"""Times the TPU decode kernels against XLA on a TPU (none in this workplace yet).
 
-`pallas_kernels/decode_attention_tpu.py` (Mosaic TPU) at each batch x context cell, for each
-`--block_k`, and `block_sparse_attention_tpu.py` with 1/8 of the 64- and 16-slot blocks listed,
-next to the jnp reference (`decode_attention.reference`, what `kvjax.attention`
+At each batch x context cell: `pallas_kernels/decode_attention_tpu.py` (Mosaic TPU) for each
+`--block_k`, `block_sparse_attention_tpu.py` with 1/8 of the 64- and 16-slot blocks listed,
+and `quantized_decode_attention_tpu.py` over KIVI 4- and 2-bit caches (G 32, full 128-token
+residual), next to the jnp reference (`decode_attention.reference`, what `kvjax.attention`
 runs on TPU with `TPU_DECODE_KERNEL` off) and `jax.nn.dot_product_attention` (XLA), all with
-`_bench.time_jax` in the same run; bytes are K + V (+ 4 B per slot of positions for the kernel
-and the reference), % of the copy bandwidth measured in the run (a jitted copy, bytes read +
-written). Each kernel config is checked against the reference before it is timed. bf16, 32
-query / 8 KV heads, head dim 128, full lengths, positions.
+`_bench.time_jax` in the same run; bytes are what each reads (K + V, + 4 B per slot of
+positions where used; codes + scales + zeros + residual for KIVI), % of the copy bandwidth
+measured in the run (a jitted copy, bytes read + written). Each kernel config is checked
+against its reference before it is timed. bf16, 32 query / 8 KV heads, head dim 128, full
+lengths, positions.
 
     python experiments/bench_tpu_decode.py --out $OUT     # on a TPU VM / Colab
     python experiments/bench_tpu_decode.py --quick        # CPU smoke (interpreter)
@@ -31,10 +33,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments._bench import make_log, rel_err, time_jax  # noqa: E402
 from experiments.bench_kernels import random_blocks  # noqa: E402
+from experiments.bench_quant import QARGS, random_quantized  # noqa: E402
 from pallas_kernels import block_sparse_attention as bsa  # noqa: E402
 from pallas_kernels import block_sparse_attention_tpu as bt  # noqa: E402
 from pallas_kernels import decode_attention as da  # noqa: E402
 from pallas_kernels import decode_attention_tpu as dt  # noqa: E402
+from pallas_kernels import quantized_decode_attention as qda  # noqa: E402
+from pallas_kernels import quantized_decode_attention_tpu as qt  # noqa: E402
 
 LOG: list[str] = []
 log, attempt = make_log(LOG)
@@ -118,6 +123,19 @@ def bench(b: int, ctx: int, block_ks: list[int], copy_bw: float, hkv: int = 8, g
         record(f"block-sparse 1/8 of {bs}-slot blocks",
                attempt(f"block-sparse {bs}", time_jax, sparse, qs, sets, reps),
                int(frac * (kv_bytes + pos.size * 4)))
+    # KIVI (`quantized_decode_attention_tpu`), packed 4 / 2 bits, G 32, full 128-token residual
+    r = min(128, ctx // 2)
+    for bits in (4, 2):
+        arrs = random_quantized(jax.random.key(bits), b, hkv, ctx - r, d, bits, 32, r)
+        qargs = tuple(arrs[n] for n in QARGS)
+        out = attempt(f"kivi{bits}", jax.jit(qt.quantized_decode_attention_tpu), qs[0], *qargs)
+        if out is None or not rel_err(out, qda.reference(qs[0], *qargs)) < 1e-2:
+            log(f"  kivi{bits}: failed or WRONG, not timed")
+            continue
+        nbytes = qda.hbm_bytes(b, hkv, ctx - r, d, bits, 32) + b * hkv * r * d * 2 * 2
+        record(f"kivi{bits} (packed)", attempt(f"kivi{bits}", time_jax,
+                                              qt.quantized_decode_attention_tpu, qs, [qargs],
+                                              reps), nbytes)
     return row
 
 

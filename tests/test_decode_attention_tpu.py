@@ -172,4 +172,5 @@ def test_tpu_bench_quick_cpu(tmp_path):
     rows = json.load(open(tmp_path / "tpu_decode.json"))["rows"]
     assert {"kernel block_k 128", "kernel block_k 256", "reference (jnp)",
             "block-sparse 1/8 of 64-slot blocks",
-            "block-sparse 1/8 of 16-slot blocks"} <= set(rows[0])
+            "block-sparse 1/8 of 16-slot blocks", "kivi4 (packed)", "kivi2 (packed)"
+            } <= set(rows[0])
