@@ -35,15 +35,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_sparse_attention import _check_common, _check_lists
 from pallas_kernels.decode_attention_tpu import (
     DTYPES,
     aot_compile,
+    head_decode_call,
     init_state,
     slot_mask,
-    state_scratch,
     update_state,
     write_output,
 )
@@ -140,21 +139,10 @@ def _decode(q, keys, values, lengths, block_indices, block_counts, kv_positions,
         _kernel, per_step=per_step, block_size=block_size, scale=scale, window=sliding_window,
         has_pos=has_pos, has_bias=has_bias, last_step=steps - 1,
         precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
-    out = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4,
-            grid=(b, hkv, steps),
-            in_specs=in_specs,
-            out_specs=pl.BlockSpec((None, None, g, dv), head_map),
-            scratch_shapes=state_scratch(g, dv),
-        ),
-        out_shape=jax.ShapeDtypeStruct((b, hkv, g, dv), q.dtype),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
-        name="block_sparse_decode_tpu",
-    )(*prefetch, *inputs)
+    out = head_decode_call(
+        kernel, [*prefetch, *inputs], in_specs, steps=steps,
+        out_shape=jax.ShapeDtypeStruct((b, hkv, g, dv), q.dtype), num_scalar_prefetch=4,
+        interpret=interpret, name="block_sparse_decode_tpu")
     return out.reshape(b, hq, dv)
 
 

@@ -120,6 +120,30 @@ def state_scratch(rows: int, dv: int) -> list:
             pltpu.VMEM((rows, dv), jnp.float32)]
 
 
+def head_decode_call(kernel, inputs, in_specs, *, steps, out_shape, num_scalar_prefetch,
+                     interpret, name):
+    """`pl.pallas_call` of a decode kernel with one program per (row, KV head): grid (B, Hkv,
+    steps), the last axis sequential ("arbitrary"), the online-softmax scratch
+    (`state_scratch`), the output block [G, Dv] of its head (out_shape [B, Hkv, G, Dv]).
+    inputs start with the `num_scalar_prefetch` scalar-prefetched arrays."""
+    b, hkv, g, dv = out_shape.shape
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=num_scalar_prefetch,
+            grid=(b, hkv, steps),
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((None, None, g, dv), lambda b_, h_, j, *_: (b_, h_, 0, 0)),
+            scratch_shapes=state_scratch(g, dv),
+        ),
+        out_shape=out_shape,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+        name=name,
+    )(*inputs)
+
+
 def _kernel(lengths_ref, qpos_ref, q_ref, k_ref, v_ref, *refs, block_k, scale, window,
             has_pos, has_bias, num_blocks, precision, capacity):
     i = 0
@@ -179,21 +203,10 @@ def _decode(q, keys, values, lengths, kv_positions, q_positions, kv_bias, *, sca
     kernel = functools.partial(
         _kernel, block_k=block_k, scale=scale, window=sliding_window, has_pos=has_pos,
         has_bias=has_bias, num_blocks=nk, precision=precision, capacity=cap)
-    out = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
-            grid=(b, hkv, nk),
-            in_specs=in_specs,
-            out_specs=pl.BlockSpec((None, None, g, dv), head_map),
-            scratch_shapes=state_scratch(g, dv),
-        ),
-        out_shape=jax.ShapeDtypeStruct((b, hkv, g, dv), q.dtype),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
-        name="ragged_decode_attention_tpu",
-    )(jnp.clip(lengths, 0, cap).astype(jnp.int32), qpos, *inputs)
+    out = head_decode_call(
+        kernel, [jnp.clip(lengths, 0, cap).astype(jnp.int32), qpos, *inputs], in_specs,
+        steps=nk, out_shape=jax.ShapeDtypeStruct((b, hkv, g, dv), q.dtype),
+        num_scalar_prefetch=2, interpret=interpret, name="ragged_decode_attention_tpu")
     return out.reshape(b, hq, dv)
 
 

@@ -37,13 +37,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.decode_attention_tpu import (
     DTYPES,
     aot_compile,
+    head_decode_call,
     init_state,
-    state_scratch,
     update_state,
     write_output,
 )
@@ -148,21 +147,10 @@ def _decode(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantized
     kernel = functools.partial(
         _kernel, bits=bits, group=g, scale=scale, residual=residual, num_blocks=nb,
         precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
-    out = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
-            grid=(b, h, nb + 1),
-            in_specs=in_specs,
-            out_specs=pl.BlockSpec((None, None, gq, d), head_map),
-            scratch_shapes=state_scratch(gq, d),
-        ),
-        out_shape=jax.ShapeDtypeStruct((b, h, gq, d), q.dtype),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
-        name="quantized_decode_attention_tpu",
-    )(jnp.clip(num_quantized, 0, nb * per * g).astype(jnp.int32), nr, *inputs)
+    out = head_decode_call(
+        kernel, [jnp.clip(num_quantized, 0, nb * per * g).astype(jnp.int32), nr, *inputs],
+        in_specs, steps=nb + 1, out_shape=jax.ShapeDtypeStruct((b, h, gq, d), q.dtype),
+        num_scalar_prefetch=2, interpret=interpret, name="quantized_decode_attention_tpu")
     return out.reshape(b, hq, d)
 
 

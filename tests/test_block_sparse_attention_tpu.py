@@ -4,19 +4,14 @@ CPU, bad input, Quest on TPU, and an ahead-of-time compile by libtpu (no TPU nee
 Tolerances: float32 1e-5 (max abs), bf16 2e-2.
 """
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tpu_aot import compiled_lines
 
 from pallas_kernels import block_sparse_attention as bsa
 from pallas_kernels import block_sparse_attention_tpu as bt
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (batch, kv heads, query heads per kv head, capacity, head dim, block size, list length,
 #  blocks per step)
@@ -148,13 +143,7 @@ def test_compiles_for_tpu_with_libtpu():
     """libtpu compiles the kernel for TPU v4, v5e and v6e: 8 x 32k bf16 with 64-token blocks,
     Quest's 16-token pages (16 per step, with bias), float32 with a window, one block per
     step. Compiled, not run: the module doc says where it ran."""
-    topologies = ("v4:2x2x1", "v5e:2x2", "v6e:2x2")
-    proc = subprocess.run([sys.executable, "-c", _AOT, *topologies], capture_output=True,
-                          text=True, timeout=900, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": ROOT})
-    compiled = [ln for ln in proc.stdout.splitlines() if ln.startswith("COMPILED")]
-    assert proc.returncode == 0 and len(compiled) == 3 * len(topologies), (
-        proc.stdout[-2000:] + proc.stderr[-3000:])
+    compiled_lines(_AOT, 3)
 
 
 def test_supported_shapes():

@@ -6,20 +6,15 @@ relative L2 1e-2 (dequantized keys / values and probabilities rounded to bf16 fo
 as the GPU kernels do; measured 1.6e-3 to 2.1e-3).
 """
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tpu_aot import compiled_lines
 
 from experiments.bench_quant import QARGS, random_quantized
 from pallas_kernels import quantized_decode_attention as qda
 from pallas_kernels import quantized_decode_attention_tpu as qt
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (batch, kv heads, query heads per kv head, tokens, head dim, G, residual R,
 #  num_quantized, num_residual)
@@ -143,10 +138,4 @@ def test_compiles_for_tpu_with_libtpu():
     """libtpu compiles the kernel for TPU v4, v5e and v6e: int4 / int2 / int8 at 8 x 32k with
     bf16 queries and a full 128-token residual, float32 queries without a residual. Compiled,
     not run: the module doc says where it ran."""
-    topologies = ("v4:2x2x1", "v5e:2x2", "v6e:2x2")
-    proc = subprocess.run([sys.executable, "-c", _AOT, *topologies], capture_output=True,
-                          text=True, timeout=900, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": ROOT})
-    compiled = [ln for ln in proc.stdout.splitlines() if ln.startswith("COMPILED")]
-    assert proc.returncode == 0 and len(compiled) == 4 * len(topologies), (
-        proc.stdout[-2000:] + proc.stderr[-3000:])
+    compiled_lines(_AOT, 4)
