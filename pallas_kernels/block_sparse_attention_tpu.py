@@ -29,7 +29,6 @@ a TPU; Quest (`kvjax.sparse.quest`) uses it on TPU only where
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +39,12 @@ from pallas_kernels.block_sparse_attention import _check_common, _check_lists
 from pallas_kernels.decode_attention_tpu import (
     DTYPES,
     aot_compile,
+    check_scale,
     head_decode_call,
+    head_spec,
     init_state,
     slot_mask,
+    tpu_interpret,
     update_state,
     write_output,
 )
@@ -76,7 +78,7 @@ def _entry_index(b, h, j, lengths_ref, qpos_ref, idx_ref, cnt_ref, *, t, per_ste
 
 
 def _kernel(lengths_ref, qpos_ref, idx_ref, cnt_ref, q_ref, *refs, per_step, block_size, scale,
-            window, has_pos, has_bias, precision, last_step):
+            window, has_pos, has_bias, last_step):
     p = per_step
     k_refs, v_refs = refs[:p], refs[p:2 * p]
     i = 2 * p
@@ -100,7 +102,7 @@ def _kernel(lengths_ref, qpos_ref, idx_ref, cnt_ref, q_ref, *refs, per_step, blo
             ok = (entry < count) & slot_mask(slot, length, pos_refs[t], qpos_ref[b], window)
             bias = None if bias_refs[t] is None else bias_refs[t][...]
             update_state(q, k_refs[t][...], v_refs[t][...], ok, bias, m_ref, l_ref, acc_ref,
-                         scale=scale, precision=precision)
+                         scale=scale)
 
     pl.when(j == last_step)(lambda: write_output(o_ref, l_ref, acc_ref))
 
@@ -115,11 +117,8 @@ def _decode(q, keys, values, lengths, block_indices, block_counts, kv_positions,
     steps = max(1, -(-n // per_step))
     has_pos, has_bias = kv_positions is not None, kv_bias is not None
 
-    def head_map(b_, h_, j, *prefetch):
-        return b_, h_, 0, 0
-
     maps = [functools.partial(_entry_index, t=t, per_step=per_step) for t in range(per_step)]
-    in_specs = [pl.BlockSpec((None, None, g, d), head_map)]
+    in_specs = [head_spec(g, d)]
     inputs = [q.reshape(b, hkv, g, d)]
     # per-slot arrays as [B, Hkv, NB, rows, cols] views (free reshapes), each passed once per
     # entry of a step: keys / values [block_size, D] tiles, positions / bias [1, block_size]
@@ -137,8 +136,7 @@ def _decode(q, keys, values, lengths, block_indices, block_counts, kv_positions,
                 jnp.clip(block_counts, 0, n).astype(jnp.int32))
     kernel = functools.partial(
         _kernel, per_step=per_step, block_size=block_size, scale=scale, window=sliding_window,
-        has_pos=has_pos, has_bias=has_bias, last_step=steps - 1,
-        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
+        has_pos=has_pos, has_bias=has_bias, last_step=steps - 1)
     out = head_decode_call(
         kernel, [*prefetch, *inputs], in_specs, steps=steps,
         out_shape=jax.ShapeDtypeStruct((b, hkv, g, dv), q.dtype), num_scalar_prefetch=4,
@@ -189,15 +187,11 @@ def block_sparse_decode_tpu(
     if not isinstance(blocks_per_step, int) or not 1 <= blocks_per_step <= MAX_BLOCKS_PER_STEP:
         raise ValueError(f"blocks_per_step must be an int in [1, {MAX_BLOCKS_PER_STEP}], got "
                          f"{blocks_per_step!r}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
     return _decode(q, keys, values, lengths, block_indices, block_counts, kv_positions,
-                   q_positions, kv_bias, block_size=int(block_size), scale=scale,
+                   q_positions, kv_bias, block_size=int(block_size),
+                   scale=check_scale(scale, q.shape[-1]),
                    sliding_window=None if sliding_window is None else int(sliding_window),
-                   per_step=int(blocks_per_step), interpret=bool(interpret))
+                   per_step=int(blocks_per_step), interpret=tpu_interpret(interpret))
 
 
 def compile_for_tpu(topology: str, *args, **kwargs):

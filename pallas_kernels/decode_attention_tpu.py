@@ -60,12 +60,41 @@ def supported(q: Array, keys: Array, values: Array) -> bool:
     return q.dtype == keys.dtype == values.dtype and jnp.dtype(q.dtype) in DTYPES
 
 
+def last_block(count, size: int):
+    """Index of the last block of `size` slots holding any of `count` (>= 0) valid ones, 0 when
+    none: index maps clamp to it, so steps past a head's data fetch no new block."""
+    # lax.div truncates (count >= 0), where `//` would lower floor semantics via `sign`
+    return jnp.maximum(lax.div(count + size - 1, size) - 1, 0)
+
+
+def head_spec(rows: int, cols: int) -> pl.BlockSpec:
+    """The [rows, cols] block of a [B, Hkv, rows, cols] array that belongs to the program's
+    (row, KV head) at every step (queries, output, a residual window)."""
+    return pl.BlockSpec((None, None, rows, cols), lambda b, h, j, *prefetch: (b, h, 0, 0))
+
+
+def dot_precision(dtype):
+    """float32 operands at full precision (no bf16 passes), others at the default."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def check_scale(scale: float | None, head_dim: int) -> float:
+    """The softmax scale (default head_dim ** -0.5); ValueError unless finite."""
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def tpu_interpret(interpret: bool | None) -> bool:
+    """Whether to run the Pallas TPU interpreter: as given, else exactly off TPU."""
+    return jax.default_backend() != "tpu" if interpret is None else bool(interpret)
+
+
 def _kv_index(b, h, j, lengths_ref, qpos_ref, *, block_k):
     """Block j of head (b, h), or the head's last valid block past its length (no new DMA)."""
     del qpos_ref
-    # lax.div truncates (lengths >= 0), where `//` would lower floor semantics via `sign`
-    last = jnp.maximum(lax.div(lengths_ref[b, h] + block_k - 1, block_k) - 1, 0)
-    return b, h, jnp.minimum(j, last), 0
+    return b, h, jnp.minimum(j, last_block(lengths_ref[b, h], block_k)), 0
 
 
 def init_state(m_ref, l_ref, acc_ref) -> None:
@@ -88,9 +117,11 @@ def slot_mask(slot, length, kpos_ref, qpos, window):
     return ok
 
 
-def update_state(q, k, v, ok, bias, m_ref, l_ref, acc_ref, *, scale, precision) -> None:
+def update_state(q, k, v, ok, bias, m_ref, l_ref, acc_ref, *, scale) -> None:
     """One online-softmax step of queries q [G, D] over keys k [T, D] and values v [T, Dv]:
-    ok bool[G or 1, T] masks slots, bias float[1, T] (or None) is added to the scaled scores."""
+    ok bool[G or 1, T] masks slots, bias float[1, T] (or None) is added to the scaled scores.
+    Dots at `dot_precision` of q's dtype."""
+    precision = dot_precision(q.dtype)
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                         precision=precision) * scale
     if bias is not None:
@@ -133,7 +164,7 @@ def head_decode_call(kernel, inputs, in_specs, *, steps, out_shape, num_scalar_p
             num_scalar_prefetch=num_scalar_prefetch,
             grid=(b, hkv, steps),
             in_specs=in_specs,
-            out_specs=pl.BlockSpec((None, None, g, dv), lambda b_, h_, j, *_: (b_, h_, 0, 0)),
+            out_specs=head_spec(g, dv),
             scratch_shapes=state_scratch(g, dv),
         ),
         out_shape=out_shape,
@@ -145,7 +176,7 @@ def head_decode_call(kernel, inputs, in_specs, *, steps, out_shape, num_scalar_p
 
 
 def _kernel(lengths_ref, qpos_ref, q_ref, k_ref, v_ref, *refs, block_k, scale, window,
-            has_pos, has_bias, num_blocks, precision, capacity):
+            has_pos, has_bias, num_blocks, capacity):
     i = 0
     kpos_ref = bias_ref = None
     if has_pos:
@@ -166,7 +197,7 @@ def _kernel(lengths_ref, qpos_ref, q_ref, k_ref, v_ref, *refs, block_k, scale, w
             row = j * block_k + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
             v = jnp.where(row < capacity, v, jnp.zeros_like(v))
         update_state(q_ref[...], k_ref[...], v, ok, None if bias_ref is None else bias_ref[...],
-                     m_ref, l_ref, acc_ref, scale=scale, precision=precision)
+                     m_ref, l_ref, acc_ref, scale=scale)
 
     pl.when(j == num_blocks - 1)(lambda: write_output(o_ref, l_ref, acc_ref))
 
@@ -185,10 +216,7 @@ def _decode(q, keys, values, lengths, kv_positions, q_positions, kv_bias, *, sca
         bb, hh, jj, _ = kv_map(b_, h_, j, lengths_ref, qpos_ref)
         return bb, hh, 0, jj
 
-    def head_map(b_, h_, j, lengths_ref, qpos_ref):
-        return b_, h_, 0, 0
-
-    in_specs = [pl.BlockSpec((None, None, g, d), head_map),
+    in_specs = [head_spec(g, d),
                 pl.BlockSpec((None, None, block_k, d), kv_map),
                 pl.BlockSpec((None, None, block_k, dv), kv_map)]
     inputs = [q.reshape(b, hkv, g, d), keys, values]
@@ -199,10 +227,9 @@ def _decode(q, keys, values, lengths, kv_positions, q_positions, kv_bias, *, sca
         in_specs.append(pl.BlockSpec((None, None, 1, block_k), slot_map))
         inputs.append(kv_bias.astype(jnp.float32).reshape(b, hkv, 1, cap))
     qpos = (q_positions if has_pos else jnp.zeros((b,), jnp.int32)).astype(jnp.int32)
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     kernel = functools.partial(
         _kernel, block_k=block_k, scale=scale, window=sliding_window, has_pos=has_pos,
-        has_bias=has_bias, num_blocks=nk, precision=precision, capacity=cap)
+        has_bias=has_bias, num_blocks=nk, capacity=cap)
     out = head_decode_call(
         kernel, [jnp.clip(lengths, 0, cap).astype(jnp.int32), qpos, *inputs], in_specs,
         steps=nk, out_shape=jax.ShapeDtypeStruct((b, hkv, g, dv), q.dtype),
@@ -239,14 +266,10 @@ def ragged_decode_attention_tpu(
         block_k = default_block_k(keys.shape[2])
     elif not isinstance(block_k, int) or block_k < LANES or block_k % LANES:
         raise ValueError(f"block_k must be a positive multiple of {LANES}, got {block_k!r}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
-    return _decode(q, keys, values, lengths, kv_positions, q_positions, kv_bias, scale=scale,
+    return _decode(q, keys, values, lengths, kv_positions, q_positions, kv_bias,
+                   scale=check_scale(scale, q.shape[-1]),
                    sliding_window=None if sliding_window is None else int(sliding_window),
-                   block_k=int(block_k), interpret=bool(interpret))
+                   block_k=int(block_k), interpret=tpu_interpret(interpret))
 
 
 def aot_compile(topology: str, fn, *arrays):

@@ -31,7 +31,6 @@ v6e on a CPU host (`tests/test_quantized_decode_attention_tpu.py`). Not run or t
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +40,13 @@ from jax.experimental import pallas as pl
 from pallas_kernels.decode_attention_tpu import (
     DTYPES,
     aot_compile,
+    check_scale,
+    dot_precision,
     head_decode_call,
+    head_spec,
     init_state,
+    last_block,
+    tpu_interpret,
     update_state,
     write_output,
 )
@@ -62,12 +66,11 @@ def _block_index(b, h, n, nq_ref, nr_ref, *, tokens_per_block):
     """Packed block n of head (b, h); past the head's last valid block (and at the residual
     step) that block again, so no new DMA."""
     del nr_ref
-    last = jnp.maximum(lax.div(nq_ref[b, h] + tokens_per_block - 1, tokens_per_block) - 1, 0)
-    return b, h, jnp.minimum(n, last), 0, 0
+    return b, h, jnp.minimum(n, last_block(nq_ref[b, h], tokens_per_block)), 0, 0
 
 
 def _kernel(nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, e_ref, *refs,
-            bits, group, scale, residual, num_blocks, precision):
+            bits, group, scale, residual, num_blocks):
     if residual:
         rk_ref, rv_ref = refs[:2]
         refs = refs[2:]
@@ -76,6 +79,7 @@ def _kernel(nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_re
     per = 32 // bits
     nq = nq_ref[b, h]
     dtype = q_ref.dtype
+    precision = dot_precision(dtype)  # of the scale spreads, as of `update_state`'s dots
     pl.when(n == 0)(lambda: init_state(m_ref, l_ref, acc_ref))
 
     @pl.when((n < num_blocks) & (n * per * group < nq))
@@ -97,7 +101,7 @@ def _kernel(nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_re
             v = field(vw) * vs + vz
             token = (n * per + j) * group + lax.broadcasted_iota(jnp.int32, (1, group), 1)
             update_state(q, k.astype(dtype), v.astype(dtype), token < nq, None, m_ref, l_ref,
-                         acc_ref, scale=scale, precision=precision)
+                         acc_ref, scale=scale)
 
     if residual:
 
@@ -106,7 +110,7 @@ def _kernel(nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_re
             w = rk_ref.shape[0]
             ok = lax.broadcasted_iota(jnp.int32, (1, w), 1) < nr_ref[b, h]
             update_state(q_ref[...], rk_ref[...].astype(dtype), rv_ref[...].astype(dtype), ok,
-                         None, m_ref, l_ref, acc_ref, scale=scale, precision=precision)
+                         None, m_ref, l_ref, acc_ref, scale=scale)
 
     pl.when(n == num_blocks)(lambda: write_output(o_ref, l_ref, acc_ref))
 
@@ -122,14 +126,11 @@ def _decode(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantized
     residual = residual_keys is not None and residual_keys.shape[2] > 0
     blk = functools.partial(_block_index, tokens_per_block=per * g)
 
-    def head_map(b_, h_, n, *prefetch):
-        return b_, h_, 0, 0
-
     def blocks(shape):  # a [B, Hkv, Nb, ...] view, one block per step
         return pl.BlockSpec((None, None, None, *shape),
                             lambda *i: (*blk(*i), *(0,) * (len(shape) - 2)))
 
-    in_specs = [pl.BlockSpec((None, None, gq, d), head_map), blocks((g, d)), blocks((per, d)),
+    in_specs = [head_spec(gq, d), blocks((g, d)), blocks((per, d)),
                 blocks((per, d)), blocks((g, d)), blocks((per, ncg, g)), blocks((per, ncg, g)),
                 pl.BlockSpec((ncg, d), lambda b_, h_, n, *prefetch: (0, 0))]
     expand = (jnp.arange(d)[None, :] // (d // ncg) == jnp.arange(ncg)[:, None]).astype(
@@ -141,12 +142,11 @@ def _decode(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantized
     nr = jnp.zeros((b, h), jnp.int32)
     if residual:
         w = residual_keys.shape[2]
-        in_specs += [pl.BlockSpec((None, None, w, d), head_map)] * 2
+        in_specs += [head_spec(w, d)] * 2
         inputs += [residual_keys, residual_values]
         nr = jnp.clip(num_residual, 0, w).astype(jnp.int32)
     kernel = functools.partial(
-        _kernel, bits=bits, group=g, scale=scale, residual=residual, num_blocks=nb,
-        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
+        _kernel, bits=bits, group=g, scale=scale, residual=residual, num_blocks=nb)
     out = head_decode_call(
         kernel, [jnp.clip(num_quantized, 0, nb * per * g).astype(jnp.int32), nr, *inputs],
         in_specs, steps=nb + 1, out_shape=jax.ShapeDtypeStruct((b, h, gq, d), q.dtype),
@@ -189,14 +189,9 @@ def quantized_decode_attention_tpu(
         if x.dtype != jnp.bfloat16:
             raise ValueError(f"{name} must be bf16 for the TPU kernel (kivi's default "
                              f"scale_dtype), got {x.dtype}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
     return _decode(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantized,
-                   residual_keys, residual_values, num_residual, scale=scale,
-                   interpret=bool(interpret))
+                   residual_keys, residual_values, num_residual,
+                   scale=check_scale(scale, q.shape[-1]), interpret=tpu_interpret(interpret))
 
 
 def compile_for_tpu(topology: str, *args, **kwargs):
