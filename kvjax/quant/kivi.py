@@ -655,15 +655,20 @@ def use_tpu_kernel(layer: QuantizedLayerCache, q: Array, sliding_window: int | N
     )
 
 
+def kernel_arrays(layer: QuantizedLayerCache) -> tuple[Array, ...]:
+    """The cache's arrays in the quantized decode kernels' argument order (after q): codes,
+    scales and zero points of keys then values, num_quantized, the residual window and its
+    count."""
+    return (layer.k_codes, layer.k_scale, layer.k_zero, layer.v_codes, layer.v_scale,
+            layer.v_zero, layer.num_quantized, layer.residual_keys, layer.residual_values,
+            layer.num_residual)
+
+
 def kernel_partials(q: Array, layer: QuantizedLayerCache, scale: float | None, **kwargs):
     """Split-K partials of decode queries q [B, Hq, D] over the cache (see the kernel module)."""
     from pallas_kernels import quantized_decode_attention as qda
 
-    res = (layer.residual_keys, layer.residual_values, layer.num_residual)
-    return qda.quantized_decode_partials(
-        q, layer.k_codes, layer.k_scale, layer.k_zero, layer.v_codes, layer.v_scale,
-        layer.v_zero, layer.num_quantized, *res, scale=scale, **kwargs,
-    )
+    return qda.quantized_decode_partials(q, *kernel_arrays(layer), scale=scale, **kwargs)
 
 
 def quantized_attend(
@@ -689,18 +694,13 @@ def quantized_attend(
         from pallas_kernels import quantized_decode_attention_mgpu as qm
 
         out = qm.quantized_decode_attention_mgpu(
-            q[:, :, 0], layer.k_codes, layer.k_scale, layer.k_zero, layer.v_codes,
-            layer.v_scale, layer.v_zero, layer.num_quantized, layer.residual_keys,
-            layer.residual_values, layer.num_residual, scale=scale,
+            q[:, :, 0], *kernel_arrays(layer), scale=scale,
             block_tokens=qm.default_block_tokens(layer.quantized_capacity))
         return out[:, :, None]
     if use_tpu_kernel(layer, q, sliding_window, impl):
         from pallas_kernels import quantized_decode_attention_tpu as qt
 
-        out = qt.quantized_decode_attention_tpu(
-            q[:, :, 0], layer.k_codes, layer.k_scale, layer.k_zero, layer.v_codes,
-            layer.v_scale, layer.v_zero, layer.num_quantized, layer.residual_keys,
-            layer.residual_values, layer.num_residual, scale=scale)
+        out = qt.quantized_decode_attention_tpu(q[:, :, 0], *kernel_arrays(layer), scale=scale)
         return out[:, :, None]
     return kvattention.reference_attention(q, q_positions, layer.to_dense(), scale, sliding_window)
 
