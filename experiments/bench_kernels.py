@@ -40,6 +40,7 @@ Bytes are the minimum each method must read (+ positions where read); GB/s = byt
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -315,6 +316,12 @@ def tune_decode(b, ctx, hkv, g, d, copy_bw, small):
     del sets
     gc.collect()
     return t, cfg
+
+
+def decode_dpa(q, kt, vt, impl=None):
+    """`jax.nn.dot_product_attention` for decode: q [B, Hq, D], kt / vt [B, T, Hkv, D] (the
+    [B, T, N, H] copies, made outside the timed region) -> [B, Hq, D]; impl as jax.nn's."""
+    return jax.nn.dot_product_attention(q[:, None], kt, vt, implementation=impl)[:, 0]
 
 
 def torch_sdpa(q, k, v):
@@ -657,10 +664,8 @@ def bench_config(b, ctx, hkv, g, d, copy_bw, best, best_bs, torch_ok, small):
     # jax.nn.dot_product_attention on [B, T, N, H] copies (made outside the timed region).
     tset = [(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)) for k, v, _, _ in sets]
     for impl in ("xla", "cudnn"):
-        def dpa(q, kt, vt, impl=impl):
-            return jax.nn.dot_product_attention(q[:, None], kt, vt, implementation=impl)[:, 0]
-
-        record(impl, _try(impl, time_jax, dpa, qs, tset, reps), kv_bytes)
+        record(impl, _try(impl, time_jax, functools.partial(decode_dpa, impl=impl), qs, tset,
+                          reps), kv_bytes)
     del tset
     gc.collect()
 

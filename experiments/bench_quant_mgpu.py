@@ -40,7 +40,7 @@ from experiments._bench import (  # noqa: E402
     rel_err,
     time_jax,
 )
-from experiments.bench_kernels import make_cache  # noqa: E402
+from experiments.bench_kernels import decode_dpa, make_cache  # noqa: E402
 from experiments.bench_quant import QARGS, random_quantized  # noqa: E402
 from pallas_kernels import decode_attention as da  # noqa: E402
 from pallas_kernels import quantized_decode_attention as qda  # noqa: E402
@@ -189,8 +189,8 @@ def bench(b: int, ctx: int, budget_end: float, grid=GRID, bad: frozenset = froze
     kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, T, N, H] for jax.nn
     del k, v
     for impl in ("cudnn", "xla"):
-        t = attempt(impl, time_jax, lambda q, kt, vt, impl=impl: jax.nn.dot_product_attention(
-            q[:, None], kt, vt, implementation=impl)[:, 0], qs, [(kt, vt)], reps)
+        t = attempt(impl, time_jax, functools.partial(decode_dpa, impl=impl), qs, [(kt, vt)],
+                    reps)
         if t is not None:
             record(impl, t, dbytes)
     del kt, vt

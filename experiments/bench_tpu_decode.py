@@ -24,15 +24,14 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments._bench import make_log, rel_err, time_jax  # noqa: E402
-from experiments.bench_kernels import random_blocks  # noqa: E402
+from experiments._bench import copy_bandwidth, make_log, rel_err, time_jax  # noqa: E402
+from experiments.bench_kernels import decode_dpa, random_blocks  # noqa: E402
 from experiments.bench_quant import QARGS, random_quantized  # noqa: E402
 from pallas_kernels import block_sparse_attention as bsa  # noqa: E402
 from pallas_kernels import block_sparse_attention_tpu as bt  # noqa: E402
@@ -43,19 +42,6 @@ from pallas_kernels import quantized_decode_attention_tpu as qt  # noqa: E402
 
 LOG: list[str] = []
 log, attempt = make_log(LOG)
-
-
-def copy_bandwidth_jax(nbytes: int) -> float:
-    """Bytes read + written per second by a jitted copy of a bf16 buffer of `nbytes`."""
-    x = jnp.zeros((nbytes // 2,), jnp.bfloat16)
-    f = jax.jit(lambda x: x + jnp.bfloat16(1))
-    jax.block_until_ready(f(x))
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(x))
-        ts.append(time.perf_counter() - t0)
-    return 2 * nbytes / min(ts)
 
 
 def bench(b: int, ctx: int, block_ks: list[int], copy_bw: float, hkv: int = 8, g: int = 4,
@@ -86,25 +72,27 @@ def bench(b: int, ctx: int, block_ks: list[int], copy_bw: float, hkv: int = 8, g
     record("reference (jnp)", attempt("reference", time_jax, ref_fn, qs, sets, reps),
            kv_bytes + pos.size * 4)
     kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-    dpa = lambda q, kt, vt: jax.nn.dot_product_attention(q[:, None], kt, vt)[:, 0]  # noqa: E731
-    record("xla dot_product_attention", attempt("xla", time_jax, dpa, qs, [(kt, vt)], reps),
-           kv_bytes)
+    record("xla dot_product_attention",
+           attempt("xla", time_jax, decode_dpa, qs, [(kt, vt)], reps), kv_bytes)
     del kt, vt
+    def checked(name: str, fn, arg_set: tuple, ref, nbytes: int) -> None:
+        """fn(q, *arg_set) once against `ref`; timed and recorded only if it agrees."""
+        out = attempt(name, jax.jit(fn), qs[0], *arg_set)
+        if out is None:
+            return
+        err = rel_err(out, ref)
+        if not err < 1e-2:
+            log(f"  {name}: WRONG (rel. err {err:.2e}), not timed")
+            return
+        record(name, attempt(name, time_jax, fn, qs, [arg_set], reps), nbytes)
+
     ref = ref_fn(qs[0], *sets[0])
     for bk in block_ks:
         def kern(q, k, v, ln, p, qp, bk=bk):
             return dt.ragged_decode_attention_tpu(q, k, v, ln, kv_positions=p, q_positions=qp,
                                                   block_k=bk)
 
-        out = attempt(f"kernel block_k {bk}", jax.jit(kern), qs[0], *sets[0])
-        if out is None:
-            continue
-        err = rel_err(out, ref)
-        if not err < 1e-2:
-            log(f"  kernel block_k {bk}: WRONG (rel. err {err:.2e}), not timed")
-            continue
-        record(f"kernel block_k {bk}", attempt(f"kernel {bk}", time_jax, kern, qs, sets, reps),
-               kv_bytes + pos.size * 4)
+        checked(f"kernel block_k {bk}", kern, sets[0], ref, kv_bytes + pos.size * 4)
     # block-sparse decode (`block_sparse_attention_tpu`), 1/8 of the blocks listed per head
     for bs in (64, 16):
         idx, cnt = random_blocks(b, hkv, ctx // bs, 8)
@@ -113,29 +101,19 @@ def bench(b: int, ctx: int, block_ks: list[int], copy_bw: float, hkv: int = 8, g
             return bt.block_sparse_decode_tpu(q, k, v, ln, idx, cnt, block_size=bs,
                                               kv_positions=p, q_positions=qp)
 
-        out = attempt(f"block-sparse {bs}", jax.jit(sparse), qs[0], *sets[0])
         want = bsa.reference_decode(qs[0], k, v, lengths, idx, cnt, block_size=bs,
                                     kv_positions=pos, q_positions=qpos)
-        if out is None or not rel_err(out, want) < 1e-2:
-            log(f"  block-sparse {bs}: failed or WRONG, not timed")
-            continue
         frac = int(cnt[0, 0]) / (ctx // bs)
-        record(f"block-sparse 1/8 of {bs}-slot blocks",
-               attempt(f"block-sparse {bs}", time_jax, sparse, qs, sets, reps),
-               int(frac * (kv_bytes + pos.size * 4)))
+        checked(f"block-sparse 1/8 of {bs}-slot blocks", sparse, sets[0], want,
+                int(frac * (kv_bytes + pos.size * 4)))
     # KIVI (`quantized_decode_attention_tpu`), packed 4 / 2 bits, G 32, full 128-token residual
     r = min(128, ctx // 2)
     for bits in (4, 2):
         arrs = random_quantized(jax.random.key(bits), b, hkv, ctx - r, d, bits, 32, r)
         qargs = tuple(arrs[n] for n in QARGS)
-        out = attempt(f"kivi{bits}", jax.jit(qt.quantized_decode_attention_tpu), qs[0], *qargs)
-        if out is None or not rel_err(out, qda.reference(qs[0], *qargs)) < 1e-2:
-            log(f"  kivi{bits}: failed or WRONG, not timed")
-            continue
-        nbytes = qda.hbm_bytes(b, hkv, ctx - r, d, bits, 32) + b * hkv * r * d * 2 * 2
-        record(f"kivi{bits} (packed)", attempt(f"kivi{bits}", time_jax,
-                                              qt.quantized_decode_attention_tpu, qs, [qargs],
-                                              reps), nbytes)
+        checked(f"kivi{bits} (packed)", qt.quantized_decode_attention_tpu, qargs,
+                qda.reference(qs[0], *qargs),
+                qda.hbm_bytes(b, hkv, ctx - r, d, bits, 32) + b * hkv * r * d * 2 * 2)
     return row
 
 
@@ -152,8 +130,8 @@ def main() -> None:
     cells = [(int(b), int(c)) for c in args.contexts.split(",") for b in args.batches.split(",")]
     if args.quick:
         cells, block_ks = [(1, 512)], [128, 256]
-    copy_bw = copy_bandwidth_jax(2**26 if args.quick else 2**31)
-    log(f"copy bandwidth (jitted x + 1, read + write): {copy_bw / 1e9:.0f} GB/s")
+    copy_bw = copy_bandwidth(2**26 if args.quick else 2**31)
+    log(f"copy bandwidth (`_bench.copy_bandwidth`, read + write): {copy_bw / 1e9:.0f} GB/s")
     rows = [bench(b, c, block_ks, copy_bw, **({"hkv": 2, "d": 128} if args.quick else {}))
             for b, c in cells]
     os.makedirs(args.out, exist_ok=True)
