@@ -3,7 +3,7 @@ on CPU, bad input, `kivi` dispatch on TPU, and an ahead-of-time compile by libtp
 
 Tolerances: float32 queries 1e-5 (max abs; dequantization and dots in float32); bf16 queries
 relative L2 1e-2 (dequantized keys / values and probabilities rounded to bf16 for the dots,
-as the GPU kernels do; measured 1.6e-3 to 2.1e-3).
+as the GPU kernels do).
 """
 
 import jax
