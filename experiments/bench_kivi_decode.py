@@ -7,9 +7,7 @@ then `kvjax.attention.attend` with `impl="auto"`, which dispatches
   dense bf16 LayerCache          -> the ragged decode kernel (Triton)
   kivi(4) packed layout          -> the Triton quantized kernel
   kivi(4, layout="int4")         -> the Mosaic GPU kernel (sm_90)
-  kivi(bits, layout="words")     -> (`--words`, bits 4 and 2) the Mosaic GPU kernel (sm_90),
-                                    its dispatch turned on for this run (`kivi.MGPU_WORDS`,
-                                    off by default until the kernel's GPU check passes);
+  kivi(bits, layout="words")     -> (`--words`, bits 4 and 2) the Mosaic GPU kernel (sm_90);
                                     kivi(2) packed next to it (Triton)
 The steps run in one `lax.scan` with the cache as carry (donated, updated in place), as in
 `kvjax.generate`; time per step = scan time / steps. Outputs and codes of the int4 and words
@@ -25,7 +23,6 @@ Shapes: 32 query / 8 KV heads, head dim 128, G = 32, R = 128, bf16.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -142,8 +139,6 @@ def main() -> None:
                     help='also kivi(4 and 2, layout="words") through the Mosaic GPU kernel, and '
                          'kivi(2) packed (Triton); codes and outputs compared on this device')
     args = ap.parse_args()
-    if args.words:  # the words layout's kernel dispatch, off by default (module docstring)
-        importlib.import_module("kvjax.quant.kivi").MGPU_WORDS = True
     os.makedirs(args.out, exist_ok=True)
     log(f"devices {jax.devices()} jax {jax.__version__}")
     rows = []

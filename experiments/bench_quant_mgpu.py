@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import json
 import os
 import sys
@@ -48,14 +49,18 @@ from pallas_kernels import quantized_decode_attention_mgpu as qm  # noqa: E402
 
 LOG: list[str] = []
 log, attempt = make_log(LOG)  # a failing config logs one line (traceback into LOG) and goes on
-GRID = ({},  # the defaults: 16 splits, 2 stages, 128-token steps, hoist_index
-        {"fuse_residual": True},  # the residual window inside the kernel (ninth session)
+GRID = ({},  # the defaults: 16 splits, 2 stages, 128-token steps, hoist_index, fma, fused residual
+        {"fuse_residual": False},  # the residual window as a separate jnp pass
+        {"fma": False},  # multiply + add instead of one bf16x2 FMA per register pair
+        {"fma": False, "fuse_residual": False},  # the eleventh session's defaults
         {"block_tokens": 256, "hoist_index": False},  # the first defaults
         {"fold_keys": True, "fold_values": True},
         {"block_tokens": 256, "fold_keys": True, "fold_values": True},
         {"fold_keys": True}, {"fold_values": True}, {"block_tokens": 256},
         {"block_tokens": 64}, {"num_splits": 8}, {"num_stages": 3}, {"num_splits": 32})
-CHECK_CONFIGS = ({}, {"fuse_residual": True}, {"block_tokens": 256, "hoist_index": False},
+CHECK_CONFIGS = ({}, {"fuse_residual": False}, {"fma": False}, {"fma": False, "block_tokens": 64},
+                 {"fma": False, "fuse_residual": False},
+                 {"block_tokens": 256, "hoist_index": False},
                  {"num_stages": 3, "block_tokens": 64, "hoist_index": False},
                  {"fold_keys": True, "block_tokens": 256},
                  {"fold_keys": True, "hoist_index": False},
@@ -99,16 +104,17 @@ def case(key, b, h, gq, d, g, counts, r, cap=None, bits=4, words=False):
 
 
 def check_configs(i: int, g: int, gq: int, core: bool = False) -> list[dict]:
-    """Launch configs checked on CHECKS[i]: all on the first case, then one each in turn plus
-    the folds where their limits allow (fold_keys: (64 / G) x Gq <= 16; fold_values: Gv = G =
-    32 here and at most 8 score columns). core: the defaults on every case, plus the residual
-    by jnp and both folds on the first (`--checks core`, for short device time)."""
+    """Launch configs checked on CHECKS[i]: all on the first case, then the defaults and one
+    more in turn plus the folds where their limits allow (fold_keys: (64 / G) x Gq <= 16;
+    fold_values: Gv = G = 32 here and at most 8 score columns). core: the defaults on every
+    case, plus the residual by jnp, no `fma` and both folds on the first (`--checks core`, for
+    short device time)."""
     if core:
-        return [{}] + ([{"fuse_residual": True}, {"fold_values": True},
+        return [{}] + ([{"fuse_residual": False}, {"fma": False}, {"fold_values": True},
                         {"fold_keys": True, "fold_values": True}] if i == 0 else [])
     if i == 0:
         return list(CHECK_CONFIGS)
-    out = [CHECK_CONFIGS[i % 3]]
+    out = [{}, CHECK_CONFIGS[1 + i % 4]]
     if (qm.T // g) * gq <= qm.N:
         out.append({"fold_keys": True})
     if g == 32 and gq <= 8:
@@ -118,8 +124,15 @@ def check_configs(i: int, g: int, gq: int, core: bool = False) -> list[dict]:
     return out
 
 
-WORDS_CONFIGS = ({}, {"block_tokens": 64, "fuse_residual": True},
+WORDS_CONFIGS = ({"fuse_residual": False}, {"block_tokens": 64},
                  {"block_tokens": 256, "num_stages": 3})
+WORDS_GRID = ({}, {"fuse_residual": False}, {"fma": False})  # the words layout's timed configs
+
+
+def words_check_configs(i: int, core: bool = False) -> list[dict]:
+    """Words-layout configs checked on CHECKS[i] (each bit width): the defaults, and without
+    `core` one of WORDS_CONFIGS in turn; no `fma` on the first case."""
+    return [{}] + ([] if core else [WORDS_CONFIGS[i % 3]]) + ([{"fma": False}] if i == 0 else [])
 
 
 def checks(core: bool = False) -> set[frozenset]:
@@ -130,7 +143,7 @@ def checks(core: bool = False) -> set[frozenset]:
     for i, (b, h, gq, d, g, counts, r, splits) in enumerate(CHECKS):
         # (bits, words layout, configs): one case and reference each
         layouts = [(4, False, check_configs(i, g, gq, core))]
-        layouts += [(bits, True, [{} if core else WORDS_CONFIGS[i % 3]]) for bits in qm.WORD_BITS]
+        layouts += [(bits, True, words_check_configs(i, core)) for bits in qm.WORD_BITS]
         for bits, words, cfgs in layouts:
             q, arrs, mg = case(jax.random.key(10 + i), b, h, gq, d, g, counts, r, bits=bits,
                                words=words)
@@ -151,8 +164,10 @@ def checks(core: bool = False) -> set[frozenset]:
 
 
 def _options(cfg: dict) -> frozenset:
-    """The boolean options a config sets, defaults included (hoist_index is on by default)."""
-    full = {"hoist_index": True} | cfg
+    """The boolean options a config sets, the kernel's defaults included."""
+    full = {k: p.default for k, p in
+            inspect.signature(qm.quantized_decode_attention_mgpu).parameters.items()
+            if isinstance(p.default, bool)} | cfg
     return frozenset(k for k, v in full.items() if v is True)
 
 
@@ -227,16 +242,18 @@ def bench(b: int, ctx: int, budget_end: float, grid=GRID, bad: frozenset = froze
                 if t is not None:
                     record("mgpu " + json.dumps(cfg), t, qbytes, err_of(f(qs[0], *mg)))
             del mg
-        if bits in qm.WORD_BITS:  # the words layout (`pack_words`), defaults
-            if not runnable({}, bad, f"words{bits}"):
-                log(f"  mgpu words{bits} skipped: its check failed")
-                continue
+        if bits in qm.WORD_BITS:  # the words layout (`pack_words`): WORDS_GRID
             mw = mgpu_args(arrs, bits)
-            f = qm.quantized_decode_attention_mgpu
-            t = attempt(f"mgpu words{bits}", time_jax, lambda q, *a, f=f: f(q, *a), qs, [mw],
-                        reps)
-            if t is not None:
-                record(f"mgpu words{bits}", t, qbytes, err_of(f(qs[0], *mw)))
+            for cfg in WORDS_GRID:
+                name = f"mgpu words{bits}" + (" " + json.dumps(cfg)) * bool(cfg)
+                if not runnable(cfg, bad, f"words{bits}"):
+                    log(f"  {name} skipped: its check failed")
+                    continue
+                f = functools.partial(qm.quantized_decode_attention_mgpu, **cfg)
+                t = attempt(name, time_jax, lambda q, *a, f=f: f(q, *a), qs, [mw], reps)
+                if t is not None:
+                    record(name, t, qbytes, err_of(f(qs[0], *mw)))
+            del mw
         del arrs, packed, ref
     return row
 
@@ -282,9 +299,10 @@ def main() -> None:
             for bits in qm.WORD_BITS:
                 _, _, mw = case(jax.random.key(i), b, h, gq, d, g, counts, r, bits=bits,
                                 words=True)
-                f = functools.partial(qm.quantized_decode_attention_mgpu, num_splits=splits,
-                                      **WORDS_CONFIGS[i % 3])
-                jax.jit(f).trace(*mw).lower(lowering_platforms=("cuda",))
+                for cfg in words_check_configs(i):
+                    f = functools.partial(qm.quantized_decode_attention_mgpu,
+                                          num_splits=splits, **cfg)
+                    jax.jit(f).trace(*mw).lower(lowering_platforms=("cuda",))
             print("lowered", CHECKS[i])
         for cfg in GRID:
             _, _, mg = case(jax.random.key(0), 1, 2, 4, 128, 32, ((4096, 4000),), 128)

@@ -29,9 +29,9 @@ OPS = ("arith.divui", "arith.remui", "arith.addi", "arith.muli", "vector.load", 
        "nvvm.shfl.sync", "llvm.inline_asm")
 # launch options; "words": 4 or 2 for the words layout (`pack_words`) instead of the int4 one
 CONFIGS = ({"block_tokens": 64, "hoist_index": False}, {"block_tokens": 64},
-           {"hoist_index": False}, {}, {"fold_keys": True},
-           {"fold_keys": True, "fold_values": True}, {"fuse_residual": True}, {"words": 4},
-           {"words": 2})
+           {"hoist_index": False}, {}, {"fma": False}, {"fuse_residual": False},
+           {"fold_keys": True}, {"fold_keys": True, "fold_values": True}, {"words": 4},
+           {"words": 2}, {"words": 4, "fma": False})
 
 
 def count(cfg: dict) -> collections.Counter:

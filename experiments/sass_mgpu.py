@@ -1,5 +1,6 @@
 """Registers, spills and SASS instruction counts of the Mosaic GPU KIVI decode kernel per
-launch option (GPU only: ptxas runs inside the Mosaic GPU compile).
+launch option (ptxas runs inside the Mosaic GPU compile: on a GPU, or with `--aot h100` on any
+host where the CUDA plugin is installed, through `pallas_kernels.gpu_aot`).
 
 Each option is compiled in its own subprocess with `MOSAIC_GPU_DUMP_PTXAS=1` and
 `MOSAIC_GPU_DUMP_SASS=1` (the dumps go to that process's stdout), then the ptxas summary
@@ -8,13 +9,18 @@ static instruction counts, i.e. the unrolled step body's cost per thread, not a 
 shapes as `count_mgpu_ops.py` (1 x 2 KV heads, 4 query heads each, head dim 128, G 32, 4096
 tokens), whose MLIR op counts this follows down to machine code.
 
-    PYTHONPATH=. python3 experiments/sass_mgpu.py --out $OUT/sass
+    PYTHONPATH=. python3 experiments/sass_mgpu.py --out $OUT/sass              # GPU
+    PYTHONPATH=. python3 experiments/sass_mgpu.py --out runs/sass --aot h100   # CPU host
+
+The CPU form needs `pip install "jax[cuda13]" nvidia-cuda-nvdisasm` (nvdisasm for the SASS;
+the nvidia packages' `bin` folders are put on PATH).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import glob
 import io
 import json
 import os
@@ -43,8 +49,12 @@ cfg = json.loads({cfg!r})
 bits = cfg.pop("words", 0)
 _, _, args = case(jax.random.key(0), 1, 2, 4, 128, 32, ((4096, 4000),), 128, bits=bits or 4,
                   words=bool(bits))
-f = jax.jit(functools.partial(qm.quantized_decode_attention_mgpu, **cfg))
-jax.block_until_ready(f(*args))
+f = functools.partial(qm.quantized_decode_attention_mgpu, **cfg)
+if {aot!r}:
+    from pallas_kernels.gpu_aot import aot_compile
+    aot_compile({aot!r}, f, *args)
+else:
+    jax.block_until_ready(jax.jit(f)(*args))
 print("COMPILED", flush=True)
 """
 
@@ -61,21 +71,35 @@ def parse(text: str) -> dict:
             "families": fam, "opcodes": dict(ops.most_common())}
 
 
+def nvidia_bins() -> list[str]:
+    """The `bin` folders of the installed nvidia-* wheels (ptxas, nvdisasm)."""
+    try:
+        import nvidia  # noqa: PLC0415 - namespace package of the CUDA wheels
+    except ImportError:
+        return []
+    return sorted(b for p in nvidia.__path__ for b in glob.glob(os.path.join(p, "*", "bin")))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/sass_mgpu"))
     ap.add_argument("--configs", default="", help="JSON list instead of count_mgpu_ops.CONFIGS")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per compile")
+    ap.add_argument("--aot", default="", help="compile for this gpu_aot target (e.g. h100) "
+                    "without a GPU instead of running on the GPU")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "MOSAIC_GPU_DUMP_PTXAS": "1", "MOSAIC_GPU_DUMP_SASS": "1",
            "PYTHONPATH": root}
+    if args.aot:
+        env["JAX_PLATFORMS"] = "cpu"
+        env["PATH"] = os.pathsep.join([*nvidia_bins(), env.get("PATH", "")])
     configs = json.loads(args.configs) if args.configs else list(CONFIGS)
     rows, dumps = [], []
     print("config | registers | spill st/ld B | SASS | " + " | ".join(FAMILIES), flush=True)
     for cfg in configs:
-        code = _COMPILE.format(root=root, cfg=json.dumps(cfg))
+        code = _COMPILE.format(root=root, cfg=json.dumps(cfg), aot=args.aot)
         try:
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                   env=env, timeout=args.timeout)

@@ -4,31 +4,29 @@ split-K.
 The quantized part is read as int4 codes, 16-bit scales and zero points and dequantized in
 registers (no bf16 copy of the cache is written). One program per (row, KV head, split) streams
 steps of `block_tokens` tokens (one to four 64-token tiles sharing one online-softmax update)
-through a `num_stages`-deep shared-memory ring filled by TMA. The bf16 residual window is a
-separate jnp pass merged by log-sum-exp (part of the ~47 us that a 265 us decode step at
-8 x 32k on an H100 spends around the kernel, docs/benchmarks_quant.md), or, with
-`fuse_residual=True` (ninth session; lowering-checked, its GPU check pending), the last split
-goes on over the window in 64-token steps of the same online softmax, its tiles loaded straight
-into WGMMA registers (`load_tile`), so that one launch and one merge cover the whole cache:
+through a `num_stages`-deep shared-memory ring filled by TMA. The last split goes on over the
+bf16 residual window in 64-token steps of the same online softmax, its tiles loaded straight
+into WGMMA registers (`load_tile`), so that one launch and one merge cover the whole cache
+(`fuse_residual`, the default since the twelfth session; False: a separate jnp pass merged by
+log-sum-exp):
 
   keys    S^T = K Q^T: the tile's [64, 64] code chunks are upcast to bf16 by Mosaic GPU
           (`WGMMA_UPCAST_4X` load, relaid out to `WGMMA`), dequantized in registers
           (`dequant`: (code + 8) * scale + zero on bf16 pairs, each thread gathering the scale
           and zero of its own elements) and fed to WGMMA as the register A operand; the query
           heads of the KV head are the N = 16 columns (zero padded).
-          Words layout (k4 / v4 uint32 words, `pack_words`, 4 or 2 bits; ninth session,
-          lowering-checked, its GPU check pending): each 64 x 64 tile is stored in the order
+          Words layout (k4 / v4 uint32 words, `pack_words`, 4 or 2 bits; the fastest, twelfth
+          session): each 64 x 64 tile is stored in the order
           the threads hold it in WGMMA registers, so a thread reads its 32 codes with one
           16-byte (8-byte) shared-memory load and unpacks them with shifts, masks and a
           magic-number bf16 conversion (`unpack_words`): no Mosaic upcast and its cross-thread
           shuffles, and 2-bit codes, which Mosaic GPU does not upcast, work.
+          Dequantizing is one bf16x2 fused multiply-add per register pair (`fma`, default).
           With `fold_keys` the key scales and zero points are folded into the query operand
           once per step instead (`fold_key_scales`) and the codes enter WGMMA as upcast;
           with `fold_values` the value scales and zero points go into the probabilities
-          (`fold_value_scales`). fold_keys is GPU-checked and slower (1.21x against 1.63x
-          of the defaults at 8 x 32k); fold_values failed its GPU check whenever a split
-          streamed two steps (the ninth session's fix, duplicated query columns, awaits its
-          GPU check).
+          (`fold_value_scales`). Both pass their GPU checks and are slower (8 x 32k, twelfth
+          session: 234.9 us with fold_values, 356.4 with both, against 220.2 without).
   softmax float32 online softmax per column (log2 domain); tokens >= num_quantized are masked.
   values  O^T = V^T P: channel-major [64, 64] code chunks, dequantized the same way, times the
           probabilities P [64 tokens, 16] stored to shared memory as the B operand, in four
@@ -50,16 +48,17 @@ multiple of 64, C a multiple of block_tokens (64, 128 or 256), G and Gv in (16, 
 
 Backend: Mosaic GPU (sm_90) only. The interpreter of jax 0.10.2 cannot run register-A WGMMA or
 `inline_mgpu`, so on CPU the tests lower the kernel for CUDA and check the layout
-(`repack_int4` + `reference_mgpu_layout` equal `quantized_decode_attention.reference`); the
-kernel's numbers are checked on the GPU by `experiments/bench_quant_mgpu.py` against that
-reference (six checks over four shape families: ragged counts, empty heads, partial
-residuals, G = 16 / 32 / 64, 1 to 16 query heads per KV head: rel. L2 error 1.0e-3 to 1.6e-3,
-bf16).
-Measured on an H100 (docs/benchmarks_quant.md), int4 at 8 x 32k: 214.1 us with the defaults
-(128-token steps, `hoist_index`) against 361.6 us for the bf16 dense kernel in the same run
-(1.69x; 256-token steps without hoisting, the first default, 250.0 us = 1.45x; the Triton
-int4 kernel 0.90x). `kvjax.attention` dispatches here for `kivi(4, layout="int4")` caches
-(k_codes / v_codes are k4 / v4) on sm_90 with bf16 queries and scales (`supported`, `on_hopper`).
+(`repack_int4` + `reference_mgpu_layout` equal `quantized_decode_attention.reference`), and
+compile it for an H100 through Mosaic GPU and ptxas (`tests/test_gpu_aot.py`,
+`pallas_kernels.gpu_aot`); the kernel's numbers are checked on the GPU by
+`experiments/bench_quant_mgpu.py` against that reference (six shape families: ragged counts,
+empty heads, partial residuals, G = 16 / 32 / 64, 1 to 16 query heads per KV head; 49 checks
+over the launch options and both layouts in the twelfth session, rel. L2 error <= 2.1e-3, bf16).
+Measured on an H100 (docs/benchmarks_quant.md, twelfth session), 8 x 32k against the bf16 dense
+kernel of the same run (358.8 us): words layout with the defaults 162.0 us at 4 bits (2.21x)
+and 157.6 us at 2 bits (2.28x); int4 layout 192.9 us (1.86x); the Triton kernel 0.87x / 0.91x.
+`kvjax.attention` dispatches here for `kivi(4, layout="int4")` and `kivi(4 or 2,
+layout="words")` caches on sm_90 with bf16 queries and scales (`supported`, `on_hopper`).
 """
 
 from __future__ import annotations
@@ -74,7 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax._src.lib.mlir import ir
-from jax._src.lib.mlir.dialects import arith, memref, vector
+from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
 from jax.experimental.mosaic import gpu as mgpu
 
 from pallas_kernels.decode_attention import check_num_splits, merge_partials, pad_query_groups
@@ -227,9 +226,22 @@ def unpack_words(ref, bits: int) -> Array:
     return f(ref)
 
 
-def dequant(a: Array, scale_ref, zero_ref, index, hoisted=None, bias: float = 8.0) -> Array:
+def fma_bf16x2(x, y, z):
+    """x * y + z on two bf16 lanes (MLIR vector<2xbf16> values), rounded once: one PTX
+    `fma.rn.bf16x2` (SASS HFMA2.BF16). LLVM lowers `math.fma` on bf16 vectors through float32
+    (unpack, FFMA, repack: ~5x the instructions), hence the inline assembly."""
+    i32 = ir.IntegerType.get_signless(32)
+    out = llvm.inline_asm(i32, [mgpu.utils.bitcast(v, i32) for v in (x, y, z)],
+                          "fma.rn.bf16x2 $0, $1, $2, $3;", "=r,r,r,r")
+    return mgpu.utils.bitcast(out, x.type)
+
+
+def dequant(a: Array, scale_ref, zero_ref, index, hoisted=None, bias: float = 8.0,
+            fma: bool = False) -> Array:
     """(a + bias) * scale + zero for a bf16[64, 64] WGMMA-layout array a (upcast signed codes,
-    bias 8; or `unpack_words`' unsigned codes, bias 0).
+    bias 8; or `unpack_words`' unsigned codes, bias 0), on bf16 pairs: multiply, then add
+    (two roundings), or with `fma` one fused multiply-add per register (`fma_bf16x2`: one
+    rounding, one instruction where LLVM emits HMUL2 + HADD2). The bias sum is exact.
 
     Each thread gathers the scale and zero pairs of its own element pairs from shared memory
     (untiled refs; columns col, col + 1 adjacent in their last dimension) and applies them with
@@ -271,8 +283,9 @@ def dequant(a: Array, scale_ref, zero_ref, index, hoisted=None, bias: float = 8.
                     loaded[key] = (vector.load(vty, s_ref, idx), vector.load(vty, z_ref, idx))
                 sc, zc = loaded[key]
             x = a.registers[reg_idx]
-            x = arith.addf(x, shift) if bias else x
-            regs[reg_idx] = arith.addf(arith.mulf(x, sc), zc)
+            x = arith.addf(x, shift) if bias else x  # exact: small integers
+            regs[reg_idx] = (fma_bf16x2(x, sc, zc) if fma else
+                             arith.addf(arith.mulf(x, sc), zc))
         return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
 
     return f(a, scale_ref, zero_ref)
@@ -408,7 +421,7 @@ def _c(v: int):
 
 
 def _kernel(*refs, stages, splits, scale, group, vgroup, block_tokens, hoist_index, fold_keys,
-            fold_values, gq, residual, bits):
+            fold_values, gq, residual, bits, fma):
     nin = 11 if residual else 8  # inputs: q, k, ks, kz, v, vs, vz, n (+ rk, rv, nr)
     q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref = refs[:8]
     o_ref, m_ref, l_ref = refs[nin:nin + 3]
@@ -518,7 +531,7 @@ def _kernel(*refs, stages, splits, scale, group, vgroup, block_tokens, hoist_ind
 
                     hoisted = (kidx, lambda dr, dc: (0, dc)) if hoist_index else None
                     a, bias = code_tile(k_smem, slot, j, ch)
-                    a = dequant(a, ks_smem.at[slot], kz_smem.at[slot], kidx, hoisted, bias)
+                    a = dequant(a, ks_smem.at[slot], kz_smem.at[slot], kidx, hoisted, bias, fma)
                     plgpu.wgmma(acc_ref, a, q_smem.at[:, pl.ds(ch * 64, 64)].T)
                 return acc_ref[...]
 
@@ -577,8 +590,9 @@ def _kernel(*refs, stages, splits, scale, group, vgroup, block_tokens, hoist_ind
                         return (tok // group, 0, tok % group)
 
                     a, bias = code_tile(v_smem, slot, j, ch, channel_major=True)
-                    pv_tile(acc_ref, dequant(a, vs_smem.at[slot], vz_smem.at[slot], vidx,
-                                             (vbase, voff) if hoist_index else None, bias), j * T)
+                    a = dequant(a, vs_smem.at[slot], vz_smem.at[slot], vidx,
+                                (vbase, voff) if hoist_index else None, bias, fma)
+                    pv_tile(acc_ref, a, j * T)
 
             new.append(pl.run_state(pv_folded if fold_values else pv)(plgpu.ACC.init(acc)))
         pl.when(i + stages < n)(lambda: fetch(i + stages, slot))
@@ -721,10 +735,10 @@ def _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_split
 
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "num_stages",
                                              "block_tokens", "hoist_index", "fold_keys",
-                                             "fold_values"))
+                                             "fold_values", "fma"))
 def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, residual_keys=None,
               residual_values=None, num_residual=None, *, scale, num_splits, num_stages,
-              block_tokens, hoist_index, fold_keys, fold_values):
+              block_tokens, hoist_index, fold_keys, fold_values, fma):
     b, _, d = q.shape
     bits = words_bits(k4)
     hkv, cap = k4.shape[1], k4.shape[2] * (T if bits else 1)
@@ -746,7 +760,7 @@ def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, residu
                  jnp.clip(num_residual.astype(jnp.int32), 0, w)]
     kernel = functools.partial(_kernel, stages=num_stages, splits=num_splits, scale=scale,
                                group=g, vgroup=vg, block_tokens=bt, hoist_index=hoist_index,
-                               fold_keys=fold_keys, fold_values=fold_values, gq=gq,
+                               fold_keys=fold_keys, fold_values=fold_values, gq=gq, fma=fma,
                                residual=residual, bits=bits)
     st = num_stages
     p_rows = (T if residual else 16) if fold_values else bt  # P's rows in shared memory
@@ -825,7 +839,8 @@ def quantized_decode_attention_mgpu(
     hoist_index: bool = True,
     fold_keys: bool = False,
     fold_values: bool = False,
-    fuse_residual: bool = False,
+    fuse_residual: bool = True,
+    fma: bool = True,
 ) -> Array:
     """[B, Hq, D] decode attention over an int4 cache in the layout of the module doc.
 
@@ -852,8 +867,13 @@ def quantized_decode_attention_mgpu(
       both halves) instead of dequantizing the value codes. Needs Gv = 32 and at most 8 score
       columns (Gq, or (64 / G) x Gq with fold_keys).
     fuse_residual: the last split goes on over the residual window inside the kernel (module
-      doc; lowering-checked, GPU check pending, hence off by default); False: the window is
-      a separate jnp pass (`window_partials`) merged with the kernel's partials.
+      doc); False: the window is a separate jnp pass (`window_partials`) merged with the
+      kernel's partials. H100, 8 x 32k with fma: 162.0 us fused against 172.5 us (words, 4
+      bits), 192.9 against 208.1 (int4 layout).
+    fma: dequantize with one bf16x2 fused multiply-add per register pair (`fma_bf16x2`)
+      instead of a multiply and an add: 128 fewer instructions per thread and 128-token step
+      (SASS of the ahead-of-time compile, `experiments/sass_mgpu.py --aot h100`). H100,
+      8 x 32k: 172.5 us against 181.4 (words, 4 bits), 208.1 against 220.2 (int4 layout).
     Defaults: the fastest measured at 8 x 32k on an H100 (docs/benchmarks_quant.md).
     """
     g, vg = _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_splits,
@@ -881,7 +901,8 @@ def quantized_decode_attention_mgpu(
                           *(res if window and fuse_residual else (None,) * 3),
                           scale=scale, num_splits=num_splits, num_stages=num_stages,
                           block_tokens=block_tokens, hoist_index=bool(hoist_index),
-                          fold_keys=bool(fold_keys), fold_values=bool(fold_values))
+                          fold_keys=bool(fold_keys), fold_values=bool(fold_values),
+                          fma=bool(fma))
     if window and not fuse_residual:
         ro, rm, rl = window_partials(q, *res, scale)
         o, m, den = (jnp.concatenate(x, axis=2) for x in ((o, ro), (m, rm), (den, rl)))

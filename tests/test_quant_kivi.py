@@ -1,7 +1,6 @@
 """KIVI quantized cache: round-trip bounds, packing, residual window, memory, generation."""
 
 import functools
-import importlib
 import os
 
 import jax
@@ -555,9 +554,8 @@ def test_hopper_layouts_dispatch_to_the_hopper_kernel(monkeypatch, layout, bits)
     """On an sm_90 GPU, bf16 decode over an int4- or words-layout cache calls
     `quantized_decode_attention_mgpu` with the cache's arrays (here a stand-in that runs the
     kernel's jnp reference over the same arguments, words unpacked to int4 first: the kernel
-    itself runs on the GPU only, `experiments/bench_quant_mgpu.py`; words only where
-    `kivi.MGPU_WORDS`, off until the kernel's GPU check); f32 queries, other platforms and the
-    packed layout do not."""
+    itself runs on the GPU only, `experiments/bench_quant_mgpu.py`); f32 queries, other
+    platforms and the packed layout do not."""
     from pallas_kernels import quantized_decode_attention_mgpu as qm
 
     dense = _dense(12, 2, 2, 300, 64, [[300, 260], [151, 0]], jnp.bfloat16)
@@ -580,13 +578,6 @@ def test_hopper_layouts_dispatch_to_the_hopper_kernel(monkeypatch, layout, bits)
                                   np.asarray(ref))  # CPU: the reference
     monkeypatch.setattr(kvjax.attention, "kernel_platform", lambda: "gpu")
     monkeypatch.setattr(qm, "on_hopper", lambda: True)
-    kivi_module = importlib.import_module("kvjax.quant.kivi")  # kvjax.quant.kivi: the function
-    if layout == "words":  # off by default: the reference
-        assert not kivi_module.MGPU_WORDS
-        np.testing.assert_array_equal(np.asarray(kvjax.attention.attend(q, qpos, qc)),
-                                      np.asarray(ref))
-        assert not calls
-        monkeypatch.setattr(kivi_module, "MGPU_WORDS", True)
     out = kvjax.attention.attend(q, qpos, qc)
     assert calls == [(qc.k_codes.shape, qc.k_codes.dtype, 128)]
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),

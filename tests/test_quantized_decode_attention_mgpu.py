@@ -68,7 +68,7 @@ def test_window_partials_merge_to_softmax():
 def test_lowers_for_cuda(i):
     b, h, gq, d, g, counts, r, splits = bqm.CHECKS[i]
     runs = [(4, False, cfg) for cfg in bqm.check_configs(i, g, gq)]
-    runs += [(bits, True, bqm.WORDS_CONFIGS[i % 3]) for bits in qm.WORD_BITS]
+    runs += [(bits, True, cfg) for bits in qm.WORD_BITS for cfg in bqm.words_check_configs(i)]
     for bits, words, cfg in runs:
         _, _, mg = bqm.case(jax.random.key(i), b, h, gq, d, g, counts, r, bits=bits,
                             words=words)
@@ -84,14 +84,26 @@ def test_lowered_kernels_issue_the_expected_wgmma():
     made its loops empty, which lowering alone accepts); the fused residual adds WGMMA."""
     from experiments.count_mgpu_ops import module_text
 
-    texts = {k: module_text(cfg) for k, cfg in (("int4", {}), ("words4", {"words": 4}),
-                                                ("words2", {"words": 2}),
-                                                ("fused", {"fuse_residual": True}))}
+    plain = {"fuse_residual": False}
+    texts = {k: module_text(cfg) for k, cfg in (("int4", plain), ("words4", {"words": 4, **plain}),
+                                                ("words2", {"words": 2, **plain}),
+                                                ("fused", {}))}
     mma = {k: t.count("wgmma.mma_async") for k, t in texts.items()}
     assert mma["int4"] > 0 and mma["words4"] == mma["words2"] == mma["int4"]
     assert mma["fused"] > mma["int4"]
     magic = str(0x43004300)
     assert magic in texts["words4"] and magic in texts["words2"] and magic not in texts["int4"]
+
+
+def test_fma_option_dequantizes_with_bf16x2_fma():
+    """`fma` (the default) puts one `fma.rn.bf16x2` per dequantized register pair into the
+    module (16 per 64 x 64 tile: 8 tiles a 128-token step at head dim 128, keys and values;
+    the fused residual window is bf16, not dequantized), `fma=False` none."""
+    from experiments.count_mgpu_ops import module_text
+
+    for cfg in ({}, {"words": 4}):
+        assert module_text(cfg).count("fma.rn.bf16x2") == 8 * 16
+        assert module_text({**cfg, "fma": False}).count("fma.rn.bf16x2") == 0
 
 
 def test_thread_elements_is_the_mma_fragment_layout():
