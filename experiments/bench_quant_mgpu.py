@@ -126,13 +126,14 @@ def check_configs(i: int, g: int, gq: int, core: bool = False) -> list[dict]:
 
 WORDS_CONFIGS = ({"fuse_residual": False}, {"block_tokens": 64},
                  {"block_tokens": 256, "num_stages": 3})
-WORDS_GRID = ({}, {"fuse_residual": False}, {"fma": False})  # the words layout's timed configs
+WORDS_GRID = ({}, {"prmt": True}, {"fuse_residual": False}, {"fma": False})  # words: timed
 
 
 def words_check_configs(i: int, core: bool = False) -> list[dict]:
-    """Words-layout configs checked on CHECKS[i] (each bit width): the defaults, and without
-    `core` one of WORDS_CONFIGS in turn; no `fma` on the first case."""
-    return [{}] + ([] if core else [WORDS_CONFIGS[i % 3]]) + ([{"fma": False}] if i == 0 else [])
+    """Words-layout configs checked on CHECKS[i] (each bit width): the defaults and `prmt`,
+    and without `core` one of WORDS_CONFIGS in turn; no `fma` on the first case."""
+    return ([{}, {"prmt": True}] + ([] if core else [WORDS_CONFIGS[i % 3]])
+            + ([{"fma": False}] if i == 0 else []))
 
 
 def checks(core: bool = False) -> set[frozenset]:

@@ -189,10 +189,23 @@ def check_word_bits(bits) -> None:
         raise ValueError(f"bits of the words layout must be one of {WORD_BITS}, got {bits!r}")
 
 
-def unpack_words(ref, bits: int) -> Array:
+def prmt_pairs(shift: int, bits: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The two register pairs (j, PTX prmt selector) built from u = (word >> bits * shift) &
+    (2**bits - 1) * 0x01010101 (`unpack_words` with prmt): its bytes 0 / 2 hold pair `shift`'s
+    low / high code (bits bits * j and 16 + bits * j of the word), bytes 1 / 3 pair
+    `shift + 8 / bits`'s. Selector nibble i names the source byte of result byte i (0-3: u,
+    4: the 0x43 of the second operand): 0x4240 = [u0, 0x43, u2, 0x43], two bf16 128 + code."""
+    return (shift, 0x4240), (shift + 8 // bits, 0x4341)
+
+
+def unpack_words(ref, bits: int, prmt: bool = False) -> Array:
     """bf16[64, 64] WGMMA-layout codes (unsigned, exact) of one tile's words (`pack_words`;
     ref: uint32 [2 bits, 64] untiled shared memory). Each thread loads its `bits` words at once;
-    a pair is (word >> bits j) & mask | 0x43004300, two bf16 128 + code, minus 128."""
+    a pair is (word >> bits j) & mask | 0x43004300, two bf16 128 + code, minus 128. With prmt
+    (`prmt_pairs`) one mask serves two pairs and a byte permute puts the 0x43 exponent bytes
+    beside them: per 4-bit word 2 LOP3 + 1 SHF + 4 PRMT instead of 4 LOP3 + 3 SHF, and ptxas no
+    longer re-materialises the mask constant before every LOP3 (offline SASS: 128 instructions
+    fewer per 128-token step)."""
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=_TILE)
     def f(ctx, r):
@@ -212,6 +225,22 @@ def unpack_words(ref, bits: int) -> Array:
             bf2, ir.FloatAttr.get(ir.BF16Type.get(), 128.0)))
         ppw = 16 // bits
         regs = np.empty(layout.registers_shape(shape), dtype=object)
+        if prmt:  # per word: bits shifts, masks of a code per byte, one byte permute per pair
+            m43 = mgpu.utils.c(0x43434343, i32)
+            bmask = mgpu.utils.c((2**bits - 1) * 0x01010101, i32)
+            idx = list(np.ndindex(regs.shape))
+            for word in range(bits):
+                w = mgpu.utils.bitcast(vector.extract(
+                    vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([word])),
+                    i32)
+                for sh in range(8 // bits):
+                    u = arith.shrui(w, mgpu.utils.c(bits * sh, i32)) if sh else w
+                    u = arith.andi(u, bmask)
+                    for j, sel in prmt_pairs(sh, bits):
+                        pair = llvm.inline_asm(i32, [u, m43], f"prmt.b32 $0, $1, $2, {sel:#x};",
+                                               "=r,r,r")
+                        regs[idx[word * ppw + j]] = arith.subf(mgpu.utils.bitcast(pair, bf2), c128)
+            return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
         for k, reg_idx in enumerate(np.ndindex(regs.shape)):
             word, j = divmod(k, ppw)
             w = vector.extract(vec, dynamic_position=[],
@@ -421,7 +450,7 @@ def _c(v: int):
 
 
 def _kernel(*refs, stages, splits, scale, group, vgroup, block_tokens, hoist_index, fold_keys,
-            fold_values, gq, residual, bits, fma):
+            fold_values, gq, residual, bits, fma, prmt):
     nin = 11 if residual else 8  # inputs: q, k, ks, kz, v, vs, vz, n (+ rk, rv, nr)
     q_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, n_ref = refs[:8]
     o_ref, m_ref, l_ref = refs[nin:nin + 3]
@@ -482,7 +511,7 @@ def _kernel(*refs, stages, splits, scale, group, vgroup, block_tokens, hoist_ind
 
     def code_tile(ref, slot, j, ch, channel_major=False):  # token tile j, channel tile ch ->
         if bits:  # registers, and the bias `dequant` adds (words: unsigned codes)
-            return unpack_words(ref.at[slot, j, ch], bits), 0.0
+            return unpack_words(ref.at[slot, j, ch], bits, prmt), 0.0
         tok, chan = pl.ds(j * T, T), pl.ds(ch * 64, 64)  # int4: keys [C, D], values [D, C]
         return codes(ref.at[slot, chan, tok] if channel_major else ref.at[slot, tok, chan]), 8.0
 
@@ -735,10 +764,10 @@ def _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_split
 
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "num_stages",
                                              "block_tokens", "hoist_index", "fold_keys",
-                                             "fold_values", "fma"))
+                                             "fold_values", "fma", "prmt"))
 def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, residual_keys=None,
               residual_values=None, num_residual=None, *, scale, num_splits, num_stages,
-              block_tokens, hoist_index, fold_keys, fold_values, fma):
+              block_tokens, hoist_index, fold_keys, fold_values, fma, prmt):
     b, _, d = q.shape
     bits = words_bits(k4)
     hkv, cap = k4.shape[1], k4.shape[2] * (T if bits else 1)
@@ -761,6 +790,7 @@ def _partials(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, residu
     kernel = functools.partial(_kernel, stages=num_stages, splits=num_splits, scale=scale,
                                group=g, vgroup=vg, block_tokens=bt, hoist_index=hoist_index,
                                fold_keys=fold_keys, fold_values=fold_values, gq=gq, fma=fma,
+                               prmt=prmt,
                                residual=residual, bits=bits)
     st = num_stages
     p_rows = (T if residual else 16) if fold_values else bt  # P's rows in shared memory
@@ -841,6 +871,7 @@ def quantized_decode_attention_mgpu(
     fold_values: bool = False,
     fuse_residual: bool = True,
     fma: bool = True,
+    prmt: bool = False,
 ) -> Array:
     """[B, Hq, D] decode attention over an int4 cache in the layout of the module doc.
 
@@ -874,6 +905,9 @@ def quantized_decode_attention_mgpu(
       instead of a multiply and an add: 128 fewer instructions per thread and 128-token step
       (SASS of the ahead-of-time compile, `experiments/sass_mgpu.py --aot h100`). H100,
       8 x 32k: 172.5 us against 181.4 (words, 4 bits), 208.1 against 220.2 (int4 layout).
+    prmt: words layout: unpack two pairs per mask with a byte permute (`unpack_words`; offline
+      SASS 1728 against 1856 instructions, registers 130 against 135; GPU check and timing
+      pending, hence off by default).
     Defaults: the fastest measured at 8 x 32k on an H100 (docs/benchmarks_quant.md).
     """
     g, vg = _check(q, k4, k_scale, k_zero, v4, v_scale, v_zero, num_quantized, num_splits,
@@ -881,6 +915,8 @@ def quantized_decode_attention_mgpu(
     gq = q.shape[1] // k4.shape[1]
     if words_bits(k4) and (fold_keys or fold_values):
         raise ValueError("fold_keys / fold_values take the int4 layout (k4 int4), not words")
+    if prmt and not words_bits(k4):
+        raise ValueError("prmt takes the words layout (k4 uint32 words), not int4")
     if fold_keys and (T // g) * gq > N:
         raise ValueError(f"fold_keys needs (64 / group size) x query heads per KV head <= {N}, "
                          f"got (64 / {g}) x {gq}")
@@ -902,7 +938,7 @@ def quantized_decode_attention_mgpu(
                           scale=scale, num_splits=num_splits, num_stages=num_stages,
                           block_tokens=block_tokens, hoist_index=bool(hoist_index),
                           fold_keys=bool(fold_keys), fold_values=bool(fold_values),
-                          fma=bool(fma))
+                          fma=bool(fma), prmt=bool(prmt))
     if window and not fuse_residual:
         ro, rm, rl = window_partials(q, *res, scale)
         o, m, den = (jnp.concatenate(x, axis=2) for x in ((o, ro), (m, rm), (den, rl)))

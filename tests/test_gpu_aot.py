@@ -64,7 +64,7 @@ for bits in (8, 4, 2):
     compile_(f"kivi triton int{bits}", functools.partial(qda.quantized_decode_attention,
                                                          **no_interp), q, *packed)
     if bits in qm.WORD_BITS:
-        cfgs = [{}, {"fma": False}, {"fuse_residual": False}] if bits == 4 else [{}]
+        cfgs = [{}, {"prmt": True}] + ([{"fma": False}, {"fuse_residual": False}] * (bits == 4))
         mw = mgpu_args(arrs, bits)
         for cfg in cfgs:
             compile_(f"kivi mgpu words{bits} {cfg}",
@@ -87,7 +87,7 @@ def test_gpu_kernels_compile_for_h100():
     out = proc.stdout
     begun = re.findall(r"^BEGIN (.*)$", out, re.M)
     done = re.findall(r"^COMPILED (.*)$", out, re.M)
-    assert proc.returncode == 0 and begun == done and len(done) == 22, (
+    assert proc.returncode == 0 and begun == done and len(done) == 24, (
         out[-3000:] + proc.stderr[-3000:])
     # The Mosaic GPU kernels print ptxas' summary (MOSAIC_GPU_DUMP_PTXAS). Their defaults and
     # the options they replaced keep every register in registers (the first default, 256-token
@@ -95,7 +95,8 @@ def test_gpu_kernels_compile_for_h100():
     blocks = dict(re.findall(r"^BEGIN (.*?)\n(.*?)^COMPILED ", out, re.M | re.S))
     for name in ("ragged mgpu", "kivi mgpu int4 {}", "kivi mgpu int4 {'fma': False}",
                  "kivi mgpu int4 {'fuse_residual': False}", "kivi mgpu words4 {}",
-                 "kivi mgpu words4 {'fuse_residual': False}", "kivi mgpu words2 {}"):
+                 "kivi mgpu words4 {'fuse_residual': False}", "kivi mgpu words2 {}",
+                 "kivi mgpu words4 {'prmt': True}", "kivi mgpu words2 {'prmt': True}"):
         spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", blocks[name])
         assert spills and all(x == ("0", "0") for x in spills), (name, blocks[name][-2000:])
 

@@ -106,6 +106,45 @@ def test_fma_option_dequantizes_with_bf16x2_fma():
         assert module_text({**cfg, "fma": False}).count("fma.rn.bf16x2") == 0
 
 
+def _prmt(a: np.ndarray, b: np.ndarray, sel: int) -> np.ndarray:
+    """PTX prmt.b32 (default mode) on uint32 arrays: result byte i is byte sel[4 i + 3: 4 i] of
+    {b, a} (0-3: a's bytes, 4-7: b's); selector nibbles here have no sign bit."""
+    src = np.stack([(a >> (8 * k)) & 0xFF for k in range(4)] + [(b >> (8 * k)) & 0xFF
+                                                                   for k in range(4)])
+    return sum(src[(sel >> (4 * i)) & 0x7].astype(np.uint32) << (8 * i) for i in range(4))
+
+
+@pytest.mark.parametrize("bits", qm.WORD_BITS)
+def test_prmt_unpacking_builds_the_same_pairs(bits):
+    """`unpack_words(prmt=True)`'s recipe, emulated with numpy on random words: each register
+    pair k (word k // (16 / bits), pair j = k % (16 / bits)) is the same 32 bits as the plain
+    recipe's (word >> bits j) & mask | 0x43004300, i.e. `prmt_pairs`' selectors and pair indices
+    follow `pack_words`' bit layout."""
+    words = np.random.default_rng(bits).integers(0, 2**32, size=(1000, bits), dtype=np.uint32)
+    ppw = 16 // bits
+    plain = np.stack([((words[:, k // ppw] >> (bits * (k % ppw))) & ((2**bits - 1) * 0x10001))
+                      | 0x43004300 for k in range(bits * ppw)], axis=1)
+    got = np.zeros_like(plain)
+    for word in range(bits):
+        for sh in range(8 // bits):
+            u = (words[:, word] >> (bits * sh)) & ((2**bits - 1) * 0x01010101)
+            for j, sel in qm.prmt_pairs(sh, bits):
+                got[:, word * ppw + j] = _prmt(u, np.full_like(u, 0x43434343), sel)
+    np.testing.assert_array_equal(got, plain)
+
+
+def test_prmt_option_lowers_to_byte_permutes():
+    """`prmt=True` (words layout) issues one prmt.b32 per dequantized register pair (16 per
+    tile, 8 tiles a 128-token step); the int4 layout refuses it."""
+    from experiments.count_mgpu_ops import module_text
+
+    assert module_text({"words": 4, "prmt": True}).count("prmt.b32") == 8 * 16
+    assert module_text({"words": 2, "prmt": True}).count("prmt.b32") == 8 * 16
+    assert module_text({"words": 4}).count("prmt.b32") == 0
+    with pytest.raises(ValueError, match="prmt takes the words layout"):
+        module_text({"prmt": True})
+
+
 def test_thread_elements_is_the_mma_fragment_layout():
     """Thread t = 32 w + l holds rows 16 w + l // 4 (+ 8) and columns 2 (l % 4) + 8 k (+ 1):
     the layout `pack_words` writes and each thread reads back (from Mosaic's layout object)."""
