@@ -12,8 +12,8 @@ tokens), whose MLIR op counts this follows down to machine code.
     PYTHONPATH=. python3 experiments/sass_mgpu.py --out $OUT/sass              # GPU
     PYTHONPATH=. python3 experiments/sass_mgpu.py --out runs/sass --aot h100   # CPU host
 
-The CPU form needs `pip install "jax[cuda13]" nvidia-cuda-nvdisasm` (nvdisasm for the SASS;
-the nvidia packages' `bin` folders are put on PATH).
+The CPU form needs the test extras (`pip install -e ".[test]"`: the CUDA plugin, nvcc's ptxas,
+nvdisasm for the SASS; the nvidia packages' `bin` folders are put on PATH).
 """
 
 from __future__ import annotations

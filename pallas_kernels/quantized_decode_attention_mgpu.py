@@ -897,6 +897,8 @@ def quantized_decode_attention_mgpu(
       two channel groups of the chunk in column halves, the query columns duplicated into
       both halves) instead of dequantizing the value codes. Needs Gv = 32 and at most 8 score
       columns (Gq, or (64 / G) x Gq with fold_keys).
+      The folds are GPU-checked with the window as a jnp pass (`fuse_residual=False`); with
+      the fused window, the default since, they are compile-checked only so far.
     fuse_residual: the last split goes on over the residual window inside the kernel (module
       doc); False: the window is a separate jnp pass (`window_partials`) merged with the
       kernel's partials. H100, 8 x 32k with fma: 162.0 us fused against 172.5 us (words, 4
