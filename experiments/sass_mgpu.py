@@ -1,6 +1,6 @@
 """Registers, spills and SASS instruction counts of the Mosaic GPU KIVI decode kernel per
 launch option (ptxas runs inside the Mosaic GPU compile: on a GPU, or with `--aot h100` on any
-host where the CUDA plugin is installed, through `pallas_kernels.gpu_aot`).
+host where the CUDA plugin is installed, through `pallas_kernels.aot.gpu_compile`).
 
 Each option is compiled in its own subprocess with `MOSAIC_GPU_DUMP_PTXAS=1` and
 `MOSAIC_GPU_DUMP_SASS=1` (the dumps go to that process's stdout), then the ptxas summary
@@ -51,8 +51,8 @@ _, _, args = case(jax.random.key(0), 1, 2, 4, 128, 32, ((4096, 4000),), 128, bit
                   words=bool(bits))
 f = functools.partial(qm.quantized_decode_attention_mgpu, **cfg)
 if {aot!r}:
-    from pallas_kernels.gpu_aot import aot_compile
-    aot_compile({aot!r}, f, *args)
+    from pallas_kernels.aot import gpu_compile
+    gpu_compile({aot!r}, f, *args)
 else:
     jax.block_until_ready(jax.jit(f)(*args))
 print("COMPILED", flush=True)
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/sass_mgpu"))
     ap.add_argument("--configs", default="", help="JSON list instead of count_mgpu_ops.CONFIGS")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per compile")
-    ap.add_argument("--aot", default="", help="compile for this gpu_aot target (e.g. h100) "
+    ap.add_argument("--aot", default="", help="compile for this aot.TARGETS GPU (e.g. h100) "
                     "without a GPU instead of running on the GPU")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)

@@ -35,10 +35,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.aot import tpu_compile
 from pallas_kernels.block_sparse_attention import _check_common, _check_lists
 from pallas_kernels.decode_attention_tpu import (
     DTYPES,
-    aot_compile,
     check_scale,
     head_decode_call,
     head_spec,
@@ -195,7 +195,7 @@ def block_sparse_decode_tpu(
 
 
 def compile_for_tpu(topology: str, *args, **kwargs):
-    """`decode_attention_tpu.aot_compile` of `block_sparse_decode_tpu(*args, **kwargs)` (args
+    """`aot.tpu_compile` of `block_sparse_decode_tpu(*args, **kwargs)` (args
     in the order q, keys, values, lengths, block_indices, block_counts, kv_positions,
     q_positions, kv_bias; None for absent optional arrays)."""
 
@@ -205,4 +205,4 @@ def compile_for_tpu(topology: str, *args, **kwargs):
                                        kv_positions=kv_positions, q_positions=q_positions,
                                        kv_bias=kv_bias, interpret=False, **kwargs)
 
-    return aot_compile(topology, f, *args)
+    return tpu_compile(topology, f, *args)

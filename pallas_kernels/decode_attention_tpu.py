@@ -22,7 +22,7 @@ Rows that see no slot return zeros. float32 online softmax; bf16 or float32 inpu
 What was run where: numbers are checked against `decode_attention.reference` on CPU in the
 Pallas TPU interpreter (`tests/test_decode_attention_tpu.py`), and the kernel is compiled by
 the TPU compiler (libtpu 0.0.42, ahead of time for TPU v4, v5e and v6e topologies, on a CPU
-host: `aot_compile`). It has not run on a TPU, and its speed is unmeasured (this
+host: `aot.tpu_compile`). It has not run on a TPU, and its speed is unmeasured (this
 workplace lends NVIDIA GPUs only), so `kvjax.attention` dispatches to it only where
 `kvjax.attention.TPU_DECODE_KERNEL` is set; the default block size is a guess, not a tune.
 """
@@ -38,6 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.aot import tpu_compile
 from pallas_kernels.decode_attention import check_inputs
 
 Array = jax.Array
@@ -272,29 +273,14 @@ def ragged_decode_attention_tpu(
                    block_k=int(block_k), interpret=tpu_interpret(interpret))
 
 
-def aot_compile(topology: str, fn, *arrays):
-    """Compiles `fn(*arrays)` with the TPU compiler, ahead of time, for one device of
-    `topology` (e.g. "v5e:2x2", "v4:2x2x1", "v6e:2x2") on any host where libtpu is installed (a
-    CPU host included: no TPU is needed). arrays may be `jax.ShapeDtypeStruct`s or None.
-    Returns the `jax.stages.Compiled`; raises where Pallas or Mosaic rejects a kernel. Run it
-    in a process of its own: it initialises a TPU compile-only client."""
-    from jax.experimental import topologies  # noqa: PLC0415 - needs libtpu at call time
-
-    dev = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
-    sharding = jax.sharding.SingleDeviceSharding(dev)
-    avals = [None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-             for x in arrays]
-    return jax.jit(fn).trace(*avals).lower(lowering_platforms=("tpu",)).compile()
-
-
 def compile_for_tpu(topology: str, q, keys, values, lengths, kv_positions=None,
                     q_positions=None, kv_bias=None, **kwargs):
-    """`aot_compile` of `ragged_decode_attention_tpu` (kwargs as the kernel's)."""
+    """`aot.tpu_compile` of `ragged_decode_attention_tpu` (kwargs as the kernel's)."""
 
     def f(q, keys, values, lengths, kv_positions, q_positions, kv_bias):
         return ragged_decode_attention_tpu(q, keys, values, lengths, kv_positions=kv_positions,
                                            q_positions=q_positions, kv_bias=kv_bias,
                                            interpret=False, **kwargs)
 
-    return aot_compile(topology, f, q, keys, values, lengths, kv_positions, q_positions,
+    return tpu_compile(topology, f, q, keys, values, lengths, kv_positions, q_positions,
                        kv_bias)

@@ -50,7 +50,7 @@ Backend: Mosaic GPU (sm_90) only. The interpreter of jax 0.10.2 cannot run regis
 `inline_mgpu`, so on CPU the tests lower the kernel for CUDA and check the layout
 (`repack_int4` + `reference_mgpu_layout` equal `quantized_decode_attention.reference`), and
 compile it for an H100 through Mosaic GPU and ptxas (`tests/test_gpu_aot.py`,
-`pallas_kernels.gpu_aot`); the kernel's numbers are checked on the GPU by
+`pallas_kernels.aot`); the kernel's numbers are checked on the GPU by
 `experiments/bench_quant_mgpu.py` against that reference (six shape families: ragged counts,
 empty heads, partial residuals, G = 16 / 32 / 64, 1 to 16 query heads per KV head; 49 checks
 over the launch options and both layouts in the twelfth session, rel. L2 error <= 2.1e-3, bf16).

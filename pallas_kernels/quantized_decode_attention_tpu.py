@@ -37,9 +37,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.aot import tpu_compile
 from pallas_kernels.decode_attention_tpu import (
     DTYPES,
-    aot_compile,
     check_scale,
     dot_precision,
     head_decode_call,
@@ -195,10 +195,10 @@ def quantized_decode_attention_tpu(
 
 
 def compile_for_tpu(topology: str, *args, **kwargs):
-    """`decode_attention_tpu.aot_compile` of `quantized_decode_attention_tpu(*args, **kwargs)`
+    """`aot.tpu_compile` of `quantized_decode_attention_tpu(*args, **kwargs)`
     (args in the kernel's order; None for an absent residual window)."""
 
     def f(*a):
         return quantized_decode_attention_tpu(*a, interpret=False, **kwargs)
 
-    return aot_compile(topology, f, *args)
+    return tpu_compile(topology, f, *args)

@@ -1,7 +1,7 @@
-"""Every GPU kernel compiled for an H100 on this CPU host (`pallas_kernels.gpu_aot`): Triton's
-and Mosaic GPU's whole toolchains, ptxas included, accept the kernels at the benchmark shapes
-(8 x 32k, bf16, 32 / 8 heads, head dim 128) and their launch options. The interpreter tests
-check the numbers; these check what only a GPU compile can: shared-memory and register
+"""Every GPU kernel compiled for an H100 on this CPU host (`pallas_kernels.aot.gpu_compile`):
+Triton's and Mosaic GPU's whole toolchains, ptxas included, accept the kernels at the benchmark
+shapes (8 x 32k, bf16, 32 / 8 heads, head dim 128) and their launch options. The interpreter
+tests check the numbers; these check what only a GPU compile can: shared-memory and register
 limits, Mosaic GPU's layouts and PTX. One subprocess (a CUDA compile-only client)."""
 
 import os
@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = r"""
 import functools, sys
 import jax, jax.numpy as jnp
-from pallas_kernels.gpu_aot import aot_compile
+from pallas_kernels.aot import gpu_compile
 from pallas_kernels import (block_sparse_attention as bsa, decode_attention as da,
                             decode_attention_mgpu as dm, quantized_decode_attention as qda,
                             quantized_decode_attention_mgpu as qm, quest_select as qs,
@@ -31,7 +31,7 @@ pos, qpos = S((b, hkv, c), i32), S((b,), i32)
 
 def compile_(name, fn, *args):
     print("BEGIN", name, flush=True)
-    aot_compile("h100", fn, *args)
+    gpu_compile("h100", fn, *args)
     print("COMPILED", name, flush=True)
 
 
