@@ -164,12 +164,15 @@ def checks(core: bool = False) -> set[frozenset]:
     return bad
 
 
+# the kernel's boolean launch options and their defaults (hoist_index, fma, fuse_residual, ...)
+BOOL_DEFAULTS = {k: p.default for k, p in
+                 inspect.signature(qm.quantized_decode_attention_mgpu).parameters.items()
+                 if isinstance(p.default, bool)}
+
+
 def _options(cfg: dict) -> frozenset:
     """The boolean options a config sets, the kernel's defaults included."""
-    full = {k: p.default for k, p in
-            inspect.signature(qm.quantized_decode_attention_mgpu).parameters.items()
-            if isinstance(p.default, bool)} | cfg
-    return frozenset(k for k, v in full.items() if v is True)
+    return frozenset(k for k, v in (BOOL_DEFAULTS | cfg).items() if v is True)
 
 
 def runnable(cfg: dict, bad: set[frozenset], layout: str = "") -> bool:
