@@ -219,37 +219,33 @@ def unpack_words(ref, bits: int, prmt: bool = False) -> Array:
             mgpu.utils.c(bits, i32)))
         vec = vector.load(ir.VectorType.get((bits,), ety), r,
                           [arith.divui(start, _c(64)), arith.remui(start, _c(64))])
-        mask = mgpu.utils.c((2**bits - 1) * 0x10001, i32)
-        magic = mgpu.utils.c(0x43004300, i32)
-        c128 = arith.constant(bf2, ir.DenseElementsAttr.get_splat(
-            bf2, ir.FloatAttr.get(ir.BF16Type.get(), 128.0)))
-        ppw = 16 // bits
-        regs = np.empty(layout.registers_shape(shape), dtype=object)
+        words = [mgpu.utils.bitcast(vector.extract(
+            vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([k])), i32)
+            for k in range(bits)]
+        ppw = 16 // bits  # register pairs per word
+        pairs = [None] * (bits * ppw)  # i32: two bf16 128 + code, register k's
         if prmt:  # per word: bits shifts, masks of a code per byte, one byte permute per pair
             m43 = mgpu.utils.c(0x43434343, i32)
             bmask = mgpu.utils.c((2**bits - 1) * 0x01010101, i32)
-            idx = list(np.ndindex(regs.shape))
-            for word in range(bits):
-                w = mgpu.utils.bitcast(vector.extract(
-                    vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([word])),
-                    i32)
+            for word, w in enumerate(words):
                 for sh in range(8 // bits):
                     u = arith.shrui(w, mgpu.utils.c(bits * sh, i32)) if sh else w
                     u = arith.andi(u, bmask)
                     for j, sel in prmt_pairs(sh, bits):
-                        pair = llvm.inline_asm(i32, [u, m43], f"prmt.b32 $0, $1, $2, {sel:#x};",
-                                               "=r,r,r")
-                        regs[idx[word * ppw + j]] = arith.subf(mgpu.utils.bitcast(pair, bf2), c128)
-            return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
-        for k, reg_idx in enumerate(np.ndindex(regs.shape)):
-            word, j = divmod(k, ppw)
-            w = vector.extract(vec, dynamic_position=[],
-                               static_position=ir.DenseI64ArrayAttr.get([word]))
-            w = mgpu.utils.bitcast(w, i32)
-            if j:
-                w = arith.shrui(w, mgpu.utils.c(bits * j, i32))
-            w = arith.ori(arith.andi(w, mask), magic)
-            regs[reg_idx] = arith.subf(mgpu.utils.bitcast(w, bf2), c128)
+                        pairs[word * ppw + j] = llvm.inline_asm(
+                            i32, [u, m43], f"prmt.b32 $0, $1, $2, {sel:#x};", "=r,r,r")
+        else:
+            mask = mgpu.utils.c((2**bits - 1) * 0x10001, i32)
+            magic = mgpu.utils.c(0x43004300, i32)
+            for k in range(bits * ppw):
+                word, j = divmod(k, ppw)
+                w = arith.shrui(words[word], mgpu.utils.c(bits * j, i32)) if j else words[word]
+                pairs[k] = arith.ori(arith.andi(w, mask), magic)
+        c128 = arith.constant(bf2, ir.DenseElementsAttr.get_splat(
+            bf2, ir.FloatAttr.get(ir.BF16Type.get(), 128.0)))
+        regs = np.empty(layout.registers_shape(shape), dtype=object)
+        for reg_idx, pair in zip(np.ndindex(regs.shape), pairs, strict=True):
+            regs[reg_idx] = arith.subf(mgpu.utils.bitcast(pair, bf2), c128)
         return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
 
     return f(ref)
